@@ -1,0 +1,46 @@
+# The README's two commands: `make run` and `make test`. Everything else is what they need.
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+MODEL_DIR   ?= models/SmolLM2-135M-Instruct
+export API_PORT    ?= 8000
+export FLOWER_PORT ?= 5555
+export REDIS_PORT  ?= 6379
+
+.PHONY: setup model redis run test test-unit bench lint typecheck clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	VENV=$(VENV) scripts/setup.sh
+	touch $@
+
+model: $(MODEL_DIR)/conversion.json
+
+$(MODEL_DIR)/conversion.json: | $(STAMP)
+	$(PY) -m worker.model_prep --output $(MODEL_DIR)
+
+redis:
+	scripts/ensure-redis.sh
+
+run: setup model redis
+	$(PY) scripts/stack.py run
+
+test: setup model redis
+	$(PY) -m pytest tests
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+bench: setup model redis
+	$(PY) bench/bench_stream.py
+
+lint: setup
+	$(VENV)/bin/ruff check api worker common tests bench scripts
+	$(VENV)/bin/ruff format --check api worker common tests bench scripts
+
+typecheck: setup
+	$(VENV)/bin/mypy api worker common
+
+clean:
+	rm -rf $(VENV) .pytest_cache

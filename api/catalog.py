@@ -1,0 +1,111 @@
+"""ModelCatalog: which models have a live worker, and their tokenizers.
+
+Workers register a heartbeat and a model card (context length, tokenizer files) in
+Redis. The API rebuilds each model's tokenizer from those files so it can render the
+chat template and count prompt tokens itself, and refuse a prompt that is too long
+before anything is queued. transformers is used without torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import keys
+from common.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from common.jobs import ModelCard, WorkerInfo
+
+
+class ChatTokenizer:
+    """A model's tokenizer and chat template, as the worker's engine uses them."""
+
+    def __init__(self, folder: Path):
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(str(folder))
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        try:
+            text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja2 TemplateError and friends: the messages don't fit
+            raise InvalidRequestError(f"messages do not fit the model's chat template: {exc}", param="messages") from exc
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+
+class ModelCatalog:
+    def __init__(self, redis: aioredis.Redis, worker_ttl_seconds: float, cache_seconds: float = 1.0):
+        self.redis = redis
+        self.worker_ttl = worker_ttl_seconds
+        self.cache_seconds = cache_seconds
+        self._live: tuple[float, dict[str, ModelCard]] | None = None
+        self._tokenizers: dict[str, ChatTokenizer] = {}
+        self._loading: dict[str, asyncio.Task[ChatTokenizer]] = {}
+        self._dir = tempfile.TemporaryDirectory(prefix="llmq-tokenizers-")
+
+    async def live_models(self, fresh: bool = False) -> dict[str, ModelCard]:
+        now = time.time()
+        if not fresh and self._live and now - self._live[0] < self.cache_seconds:
+            return self._live[1]
+        ids = await self.redis.zrangebyscore(keys.WORKERS, now - self.worker_ttl, "+inf")
+        names: set[str] = set()
+        if ids:
+            infos = await self.redis.mget([keys.worker(i.decode()) for i in ids])
+            names = {WorkerInfo.model_validate_json(raw).model for raw in infos if raw}
+        models: dict[str, ModelCard] = {}
+        if names:
+            ordered = sorted(names)
+            cards = await self.redis.mget([keys.model_card(n) for n in ordered])
+            models = {n: ModelCard.model_validate_json(c) for n, c in zip(ordered, cards, strict=True) if c}
+        # Forget workers long gone so the set stays small.
+        await self.redis.zremrangebyscore(keys.WORKERS, "-inf", now - 10 * self.worker_ttl)
+        self._live = (now, models)
+        return models
+
+    async def get(self, name: str) -> tuple[ModelCard, ChatTokenizer]:
+        models = await self.live_models()
+        card = models.get(name)
+        if card is None:
+            models = await self.live_models(fresh=True)
+            card = models.get(name)
+        if card is None:
+            served = ", ".join(sorted(models)) or "none"
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist or has no live worker (served: {served}).",
+                param="model",
+            )
+        return card, await self._tokenizer(card)
+
+    async def _tokenizer(self, card: ModelCard) -> ChatTokenizer:
+        digest = card.tokenizer_digest
+        if digest in self._tokenizers:
+            return self._tokenizers[digest]
+        task = self._loading.get(digest)
+        if task is None:
+            task = asyncio.create_task(self._load(digest))
+            self._loading[digest] = task
+        try:
+            tok = await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._loading.pop(digest, None)
+        self._tokenizers[digest] = tok
+        return tok
+
+    async def _load(self, digest: str) -> ChatTokenizer:
+        files = await self.redis.hgetall(keys.tokenizer_bundle(digest))
+        if not files:
+            raise ServiceUnavailableError("the model's tokenizer is not registered yet; retry shortly")
+        folder = Path(self._dir.name) / digest
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            safe = Path(name.decode()).name  # never outside the folder
+            (folder / safe).write_bytes(content)
+        return await asyncio.to_thread(ChatTokenizer, folder)
+
+    def close(self) -> None:
+        self._dir.cleanup()

@@ -1,0 +1,44 @@
+"""JobQueue: hands job ids to the model workers through Celery (the API's producer side).
+
+The API does not import the worker's code: it sends the task by name to the model's
+queue, with the job id as both the task id and its only argument.
+"""
+
+from __future__ import annotations
+
+import anyio
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from common import keys
+from common.errors import ServiceUnavailableError
+
+
+class JobQueue:
+    def __init__(self, redis_url: str):
+        self.app = Celery("llmq-api", broker=redis_url)
+        self.app.conf.update(
+            task_send_sent_event=True,  # Flower shows jobs from the moment they are queued
+            task_ignore_result=True,
+            broker_connection_retry_on_startup=True,
+            broker_transport_options={"visibility_timeout": 3600},
+        )
+
+    def _send(self, job_id: str, model: str) -> None:
+        self.app.send_task(
+            keys.CHAT_TASK,
+            args=[job_id],
+            task_id=job_id,
+            queue=keys.chat_queue(model),
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
+        )
+
+    async def submit(self, job_id: str, model: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._send, job_id, model)
+        except (OperationalError, OSError) as exc:
+            raise ServiceUnavailableError(f"could not queue the job: {exc}") from exc
+
+    def close(self) -> None:
+        self.app.close()

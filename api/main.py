@@ -1,0 +1,54 @@
+"""The API app: `uvicorn api.main:app`. Builds the shared Redis client, the stream relay,
+the model catalog and the job queue once per process, in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from api.catalog import ModelCatalog
+from api.chat import ChatService
+from api.errors import install_error_handlers
+from api.job_queue import JobQueue
+from api.relay import StreamRelay
+from api.routes import chat, health, models
+from common.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = aioredis.from_url(settings.redis_url, health_check_interval=10)
+        relay = StreamRelay(settings.redis_url, settings.stream_buffer_events)
+        await relay.start()
+        catalog = ModelCatalog(redis, settings.worker_ttl_seconds)
+        queue = JobQueue(settings.redis_url)
+        app.state.settings = settings
+        app.state.redis = redis
+        app.state.relay = relay
+        app.state.catalog = catalog
+        app.state.chat = ChatService(settings, redis, relay, catalog, queue)
+        try:
+            yield
+        finally:
+            await relay.stop()
+            queue.close()
+            catalog.close()
+            await redis.aclose()
+
+    app = FastAPI(title="llmq: queue-based LLM inference", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(chat.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app
+
+
+logging.basicConfig(level=logging.INFO)
+app = create_app()

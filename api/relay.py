@@ -1,0 +1,167 @@
+"""StreamRelay: one Redis pub/sub connection per API process, fanned out to every open stream.
+
+Each stream subscribes to its job's channel on the shared connection and gets a bounded
+in-process queue. `subscribe` returns only once Redis has confirmed the subscription, so
+a job queued afterwards cannot publish before we listen. A stream whose client stops
+reading fills its own queue and is cut off; it never backs up the shared connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from common import keys
+from common.errors import ServiceError, ServiceUnavailableError
+from common.jobs import ChunkEvent
+
+log = logging.getLogger(__name__)
+
+
+class StreamClosed(ServiceError):
+    """The relay could not deliver a stream's events (slow client, lost connection)."""
+
+    status_code = 503
+    error_type = "server_error"
+
+
+class Subscription:
+    def __init__(self, channel: str, maxsize: int):
+        self.channel = channel
+        self._queue: asyncio.Queue[ChunkEvent | StreamClosed] = asyncio.Queue(maxsize)
+        self._next_seq = 0
+        self.closed = False
+
+    def _deliver(self, event: ChunkEvent) -> None:
+        if self.closed:
+            return
+        if event.seq != self._next_seq:
+            self._close(StreamClosed(f"stream lost events {self._next_seq}..{event.seq - 1}", code="stream_interrupted"))
+            return
+        self._next_seq += 1
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self._close(StreamClosed("client is not reading fast enough; stream cut off", code="slow_consumer"))
+
+    def _close(self, error: StreamClosed) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        # Drop what is buffered: the error must get through, and the client is gone or stuck.
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(error)
+
+    async def get(self) -> ChunkEvent:
+        item = await self._queue.get()
+        if isinstance(item, StreamClosed):
+            raise item
+        return item
+
+
+class StreamRelay:
+    def __init__(self, redis_url: str, buffer_events: int):
+        self.redis_url = redis_url
+        self.buffer_events = buffer_events
+        self._subs: dict[str, Subscription] = {}
+        self._confirm: dict[str, asyncio.Future[None]] = {}
+        self._redis: aioredis.Redis | None = None
+        self._pubsub: aioredis.client.PubSub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        # Keeps the connection subscribed (so reads block) even with no open stream.
+        self._home = f"{keys.PREFIX}relay:{uuid.uuid4().hex}"
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._subs)
+
+    async def start(self) -> None:
+        self._redis = aioredis.from_url(self.redis_url)
+        self._task = asyncio.create_task(self._run(), name="stream-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def subscribe(self, channel: str, timeout: float = 5.0) -> Subscription:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError as exc:
+            raise ServiceUnavailableError("cannot reach Redis") from exc
+        assert self._pubsub is not None
+        sub = Subscription(channel, self.buffer_events)
+        self._subs[channel] = sub
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirm[channel] = confirmed
+        try:
+            await self._pubsub.subscribe(channel)
+            await asyncio.wait_for(confirmed, timeout)
+        except (RedisError, TimeoutError) as exc:
+            self._subs.pop(channel, None)
+            raise ServiceUnavailableError("cannot subscribe to the job's stream") from exc
+        finally:
+            self._confirm.pop(channel, None)
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        if self._subs.pop(sub.channel, None) is None:
+            return
+        sub.closed = True
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, ConnectionError):
+                await self._pubsub.unsubscribe(sub.channel)
+
+    async def _run(self) -> None:
+        assert self._redis is not None
+        while True:
+            try:
+                self._pubsub = self._redis.pubsub()
+                await self._pubsub.subscribe(self._home)
+                self._ready.set()
+                while True:
+                    message = await self._pubsub.get_message(timeout=5.0)
+                    if message is not None:
+                        self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("stream relay lost Redis (%s); reconnecting", exc)
+            except Exception:
+                log.exception("stream relay failed; restarting")
+            self._ready.clear()
+            # Whatever was in flight on the old connection may be lost: end those streams.
+            for sub in list(self._subs.values()):
+                sub._close(StreamClosed("lost the connection to Redis mid-stream", code="stream_interrupted"))
+            self._subs.clear()
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[union-attr]
+            await asyncio.sleep(0.5)
+
+    def _dispatch(self, message: dict) -> None:
+        channel = message["channel"]
+        channel = channel.decode() if isinstance(channel, bytes) else channel
+        kind = message["type"]
+        if kind == "message":
+            sub = self._subs.get(channel)
+            if sub is not None:
+                try:
+                    event = ChunkEvent.decode(message["data"])
+                except ValueError:
+                    log.error("undecodable event on %s", channel)
+                    return
+                sub._deliver(event)
+        elif kind == "subscribe":
+            fut = self._confirm.get(channel)
+            if fut is not None and not fut.done():
+                fut.set_result(None)

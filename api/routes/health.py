@@ -1,0 +1,28 @@
+"""`GET /health`: 200 when Redis answers, 503 otherwise; lists the live models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from api.deps import CatalogDep
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request, catalog: CatalogDep) -> JSONResponse:
+    try:
+        await request.app.state.redis.ping()
+        models = sorted(await catalog.live_models(fresh=True))
+    except (RedisError, OSError) as exc:
+        return JSONResponse(status_code=503, content={"status": "unavailable", "redis": f"error: {exc}"})
+    return JSONResponse(
+        content={
+            "status": "ok",
+            "redis": "ok",
+            "models": models,
+            "open_streams": request.app.state.relay.open_streams,
+        }
+    )

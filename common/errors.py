@@ -1,0 +1,71 @@
+"""The service's error hierarchy; each error renders as an OpenAI error object.
+
+    ServiceError                  500 server_error
+    ├── InvalidRequestError       400 invalid_request_error
+    │   └── ContextLengthError    400 invalid_request_error / context_length_exceeded
+    ├── NotFoundError             404 invalid_request_error / model_not_found, ...
+    ├── ServiceUnavailableError   503 service_unavailable (e.g. Redis unreachable)
+    └── EngineError               500 server_error (the engine failed on a job)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status_code = 500
+    error_type = "server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServiceError:
+        """Rebuild an error a worker sent inside a chunk event."""
+        err = data.get("error", data)
+        kind = {c.error_type: c for c in (InvalidRequestError, ServiceUnavailableError)}
+        klass = kind.get(err.get("type", ""), ServiceError)
+        return klass(err.get("message", "unknown error"), param=err.get("param"), code=err.get("code"))
+
+
+class InvalidRequestError(ServiceError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class NotFoundError(ServiceError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    default_code = "model_not_found"
+
+
+class ServiceUnavailableError(ServiceError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class EngineError(ServiceError):
+    default_code = "engine_error"

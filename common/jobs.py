@@ -1,0 +1,134 @@
+"""Job and chunk-event schemas: what the API hands a worker and what comes back.
+
+A Celery task carries only the job id. The request itself (prompt token ids and
+sampling parameters) sits in the job record in Redis, so prompts never reach the
+broker or Flower. Workers answer with `ChunkEvent`s on the job's pub/sub channel.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from common.schemas import Usage
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    in_progress = "in_progress"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
+
+
+class SamplingSpec(BaseModel):
+    """Engine-neutral sampling parameters; the engine adapter maps them to its own."""
+
+    n: int = 1
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+class JobRequest(BaseModel):
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+
+
+def new_job_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class JobRecord(BaseModel):
+    """The job record, stored as a Redis hash (one field per attribute)."""
+
+    id: str
+    model: str
+    status: JobStatus = JobStatus.queued
+    created: float = Field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    worker: str | None = None
+    attempt: int = 0
+    request: JobRequest | None = None
+    usage: Usage | None = None
+    error: dict[str, Any] | None = None
+
+    def to_redis(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key, value in self.model_dump(mode="json", exclude_none=True).items():
+            out[key] = value if isinstance(value, str) else json.dumps(value)
+        return out
+
+    @classmethod
+    def from_redis(cls, data: dict[Any, Any]) -> JobRecord:
+        fields: dict[str, Any] = {}
+        for raw_key, raw in data.items():
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            value = raw.decode() if isinstance(raw, bytes) else raw
+            if key in ("id", "model", "status", "worker"):
+                fields[key] = value
+            else:
+                fields[key] = json.loads(value)
+        return cls.model_validate(fields)
+
+
+EventKind = Literal["delta", "done", "error"]
+
+
+class ChoiceDelta(BaseModel):
+    index: int
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+
+
+class ChunkEvent(BaseModel):
+    """One message on a job's channel. `seq` counts from 0 without gaps per job."""
+
+    seq: int
+    kind: EventKind
+    choices: list[ChoiceDelta] = Field(default_factory=list)
+    usage: Usage | None = None
+    error: dict[str, Any] | None = None
+
+    def encode(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> ChunkEvent:
+        return cls.model_validate_json(raw)
+
+
+class WorkerInfo(BaseModel):
+    id: str
+    model: str
+    slots: int
+    started: float
+
+
+class ModelCard(BaseModel):
+    """What the API needs to validate requests for a model before queueing them."""
+
+    name: str
+    max_model_len: int
+    tokenizer_digest: str
+    created: int

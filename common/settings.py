@@ -1,0 +1,51 @@
+"""Service settings, read from the environment (and a `.env` file) by both API and workers."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    redis_url: str = "redis://localhost:6379/0"
+
+    # The model a worker serves: a local checkpoint folder (or a hub id where a hub is
+    # reachable), published to clients under `model_name`.
+    model_path: str = "models/SmolLM2-135M-Instruct"
+    model_name: str = "SmolLM2-135M-Instruct"
+    # Upper bound on prompt + completion tokens; default: the model's own context.
+    max_model_len: int | None = None
+    # `auto`: the checkpoint's dtype on a GPU, float32 on a CPU (see worker.vllm_engine).
+    dtype: str = "auto"
+    # GPU only: the fraction of GPU memory vLLM may take.
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = True
+    # How many jobs one worker keeps in its engine at once (Celery thread slots).
+    worker_slots: int = Field(default=64, ge=1)
+
+    # Job records and replay data live this long in Redis.
+    job_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    # Workers refresh their registration this often; a worker silent for
+    # `worker_ttl_seconds` no longer counts as live.
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    worker_ttl_seconds: float = Field(default=15.0, gt=0)
+
+    # Per-stream buffer of undelivered events before a slow client is cut off.
+    stream_buffer_events: int = Field(default=4096, ge=16)
+    sse_ping_seconds: float = Field(default=15.0, gt=0)
+    max_n: int = Field(default=16, ge=1)
+
+    @property
+    def model_dir(self) -> Path | None:
+        path = Path(self.model_path)
+        return path if path.exists() else None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

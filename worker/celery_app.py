@@ -1,0 +1,73 @@
+"""The Celery app of a model worker.
+
+    celery -A worker.celery_app worker
+
+Tasks run in threads, `worker_slots` of them: each holds one job, and all of them feed
+the one engine that the `WorkerRuntime` builds when the worker process starts. The
+worker consumes its model's queue only, one message per free slot (prefetch 1), and
+acknowledges a message once its job has ended (late acks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Celery, signals
+from kombu import Queue
+
+from common import keys
+from common.settings import get_settings
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+
+app = Celery("llmq-worker", broker=settings.redis_url)
+app.conf.update(
+    worker_pool="threads",
+    worker_concurrency=settings.worker_slots,
+    worker_prefetch_multiplier=1,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_ignore_result=True,
+    task_queues=[Queue(keys.chat_queue(settings.model_name))],
+    task_default_queue=keys.chat_queue(settings.model_name),
+    # Task events feed Flower.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": 3600},
+    worker_hijack_root_logger=False,
+)
+
+_runtime: WorkerRuntime | None = None
+
+
+def get_runtime() -> WorkerRuntime:
+    if _runtime is None:
+        raise RuntimeError("worker runtime not started")
+    return _runtime
+
+
+@signals.worker_init.connect
+def _start_runtime(sender: object = None, **_: object) -> None:
+    """Build the engine once, in the worker's main process, before it takes any job."""
+    global _runtime
+    from worker.engine import build_engine
+
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
+    hostname = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    _runtime = WorkerRuntime(settings, build_engine(settings), worker_id=hostname)
+    _runtime.start()
+    log.info("worker %s serving %s", hostname, settings.model_name)
+
+
+@signals.worker_shutdown.connect
+def _stop_runtime(**_: object) -> None:
+    if _runtime is not None:
+        _runtime.stop()
+
+
+# Register the tasks.
+import worker.tasks  # noqa: E402,F401

@@ -1,0 +1,45 @@
+"""The engine interface the worker runtime drives. `worker.vllm_engine` implements it with
+vLLM (the only module that imports vllm); anything else that fits can stand in for it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from common.jobs import ChoiceDelta, SamplingSpec
+from common.settings import Settings
+
+
+class EngineRequestError(ValueError):
+    """The engine refused a request as invalid (a client error, not an engine fault)."""
+
+
+class Engine(Protocol):
+    #: prompt + completion token limit, known once `start` returned.
+    max_model_len: int
+
+    async def start(self) -> None:
+        """Build the engine; called once, on the event loop that will drive it."""
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The files (name -> content) from which the API can rebuild the tokenizer
+        and chat template, to count and validate prompts before queueing."""
+        ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        """Yield, per engine step, what each choice gained: new text, token count, and
+        its finish reason (`stop`, `length`, `cancelled`) once it ends."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a running request and free its batch slot."""
+
+    async def shutdown(self) -> None: ...
+
+
+def build_engine(settings: Settings) -> Engine:
+    from worker.vllm_engine import VllmEngine
+
+    return VllmEngine(settings)

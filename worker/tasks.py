@@ -1,0 +1,14 @@
+"""Celery tasks: thin wrappers that hand a job id to the worker runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common import keys
+from worker.celery_app import app, get_runtime
+
+
+@app.task(name=keys.CHAT_TASK)
+def chat_completion(job_id: str) -> dict[str, Any]:
+    """Run one chat completion job; its tokens go out over pub/sub, not as the result."""
+    return get_runtime().run_job(job_id)
