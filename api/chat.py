@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -172,9 +173,7 @@ class ChatService:
                 yield {"data": json.dumps(exc.to_dict())}
             yield {"data": DONE}
         finally:
-            await self.relay.unsubscribe(job.subscription)
-            if not finished:
-                await self.cancel(job.id)
+            await self._release(job, finished)
 
     async def collect(self, job: SubmittedJob) -> ChatCompletion:
         texts: dict[int, list[str]] = {i: [] for i in range(job.n)}
@@ -194,9 +193,7 @@ class ChatService:
                     finished = True
                     usage = event.usage
         finally:
-            await self.relay.unsubscribe(job.subscription)
-            if not finished:
-                await self.cancel(job.id)
+            await self._release(job, finished)
         assert usage is not None
         return ChatCompletion(
             id=job.id,
@@ -208,6 +205,14 @@ class ChatService:
             ],
             usage=usage,
         )
+
+    async def _release(self, job: SubmittedJob, finished: bool) -> None:
+        """Stop listening; if the job has not finished, the client left: cancel it. Shielded,
+        because it mostly runs while the request's task is being cancelled."""
+        with anyio.CancelScope(shield=True):
+            await self.relay.unsubscribe(job.subscription)
+            if not finished:
+                await self.cancel(job.id)
 
     async def cancel(self, job_id: str) -> None:
         """Ask whichever worker holds the job to abort it; a queued job is marked so that

@@ -41,7 +41,8 @@ class Subscription:
         if self.closed:
             return
         if event.seq != self._next_seq:
-            self._close(StreamClosed(f"stream lost events {self._next_seq}..{event.seq - 1}", code="stream_interrupted"))
+            lost = StreamClosed(f"stream lost events {self._next_seq}..{event.seq - 1}", code="stream_interrupted")
+            self._close(lost, keep_buffered=True)
             return
         self._next_seq += 1
         try:
@@ -49,11 +50,14 @@ class Subscription:
         except asyncio.QueueFull:
             self._close(StreamClosed("client is not reading fast enough; stream cut off", code="slow_consumer"))
 
-    def _close(self, error: StreamClosed) -> None:
+    def _close(self, error: StreamClosed, keep_buffered: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
-        # Drop what is buffered: the error must get through, and the client is gone or stuck.
+        if keep_buffered and not self._queue.full():
+            self._queue.put_nowait(error)
+            return
+        # Drop what is buffered: the error must get through, and the client is stuck.
         while not self._queue.empty():
             self._queue.get_nowait()
         self._queue.put_nowait(error)
@@ -142,7 +146,8 @@ class StreamRelay:
             self._ready.clear()
             # Whatever was in flight on the old connection may be lost: end those streams.
             for sub in list(self._subs.values()):
-                sub._close(StreamClosed("lost the connection to Redis mid-stream", code="stream_interrupted"))
+                lost = StreamClosed("lost the connection to Redis mid-stream", code="stream_interrupted")
+                sub._close(lost, keep_buffered=True)
             self._subs.clear()
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()  # type: ignore[union-attr]

@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     # GPU only: the fraction of GPU memory vLLM may take.
     gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = True
+    # None: eager on a CPU (nothing to capture), CUDA graphs on a GPU.
+    enforce_eager: bool | None = None
     # How many jobs one worker keeps in its engine at once (Celery thread slots).
     worker_slots: int = Field(default=64, ge=1)
 

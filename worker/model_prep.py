@@ -55,7 +55,7 @@ def convert(output: Path) -> Path:
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.torch_dtype = "bfloat16"
+    config.dtype = "bfloat16"
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     # Tied embeddings legitimately have no separate lm_head weight.
@@ -69,6 +69,10 @@ def convert(output: Path) -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": f"{GGUF_PACKAGE}/{GGUF_FILE}"}) + "\n")
+        # mkdtemp makes the folder private; the model must be readable by service users.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)

@@ -193,8 +193,9 @@ class WorkerRuntime:
             )
             if not isinstance(exc, EngineRequestError):
                 log.exception("job %s failed", job_id)
-            await self.publisher.finish(job_id, "error", error=error.to_dict())
+            # The record first: a client that got the last event then reads the job sees it ended.
             await self._finish_record(key, JobStatus.failed, error=error.to_dict())
+            await self.publisher.finish(job_id, "error", error=error.to_dict())
             return {"status": "failed", "error": error.message}
         finally:
             self._inflight.discard(job_id)
@@ -203,9 +204,9 @@ class WorkerRuntime:
         prompt = len(request.prompt_token_ids)
         completion = sum(tokens.values())
         usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-        await self.publisher.finish(job_id, "done", usage=usage)
         status = JobStatus.cancelled if cancelled else JobStatus.completed
         await self._finish_record(key, status, usage=usage)
+        await self.publisher.finish(job_id, "done", usage=usage)
         return {
             "status": status.value,
             "finish_reasons": [finish.get(i) for i in sorted(finish)],

@@ -41,9 +41,13 @@ def resolve_dtype(dtype: str) -> str:
     Marseillaise" instead of "The capital of France is Paris.")."""
     if dtype != "auto":
         return dtype
+    return "auto" if _has_cuda() else "float32"
+
+
+def _has_cuda() -> bool:
     import torch
 
-    return "auto" if torch.cuda.is_available() else "float32"
+    return bool(torch.cuda.is_available())
 
 
 class VllmEngine:
@@ -59,7 +63,7 @@ class VllmEngine:
             served_model_name=[s.model_name],
             dtype=resolve_dtype(s.dtype),
             max_model_len=s.max_model_len,
-            enforce_eager=s.enforce_eager,
+            enforce_eager=s.enforce_eager if s.enforce_eager is not None else not _has_cuda(),
             gpu_memory_utilization=s.gpu_memory_utilization,
             # One sequence per slot at least; `n` > 1 needs more.
             max_num_seqs=max(256, s.worker_slots),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+
+from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
 from api.deps import ChatServiceDep, SettingsDep
@@ -13,7 +15,7 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, service: ChatServiceDep, settings: SettingsDep
+    body: ChatCompletionRequest, request: Request, service: ChatServiceDep, settings: SettingsDep
 ) -> ChatCompletion | EventSourceResponse:
     job = await service.submit(body)
     if body.stream:
@@ -23,4 +25,13 @@ async def create_chat_completion(
             sep="\n",
             headers={"X-Request-Id": job.id},
         )
-    return await service.collect(job)
+    # Non-streaming: nothing is sent until the end, so watch for the client leaving.
+    collecting = asyncio.create_task(service.collect(job))
+    while True:
+        done, _ = await asyncio.wait({collecting}, timeout=1.0)
+        if done:
+            return collecting.result()
+        if await request.is_disconnected():
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+            raise asyncio.CancelledError("client disconnected")

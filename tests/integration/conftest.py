@@ -1,0 +1,78 @@
+"""The real stack for integration tests: a Redis server, a Celery worker process holding
+the real vLLM engine on the default model, the API and Flower, all on free ports, started
+once per session and ended by process group. Logs land in the pytest tmp folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis as redis_lib
+
+from common.settings import get_settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from stack import Stack, free_port  # noqa: E402
+
+MODEL = get_settings().model_name
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    logs = tmp_path_factory.mktemp("stack-logs")
+    s = Stack(
+        redis_port=free_port(),
+        api_port=free_port(),
+        flower_port=free_port(),
+        log_dir=logs,
+        env={"FLOWER_UNAUTHENTICATED_API": "true", "WORKER_SLOTS": "64"},
+    )
+    try:
+        s.start_redis()
+        s.start_worker()
+        s.start_api()
+        s.start_flower()
+        s.wait_ready(MODEL, timeout=600)
+    except BaseException:
+        for log in sorted(logs.glob("*.log")):
+            sys.stderr.write(f"--- {log.name} (tail) ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]) + "\n")
+        s.stop()
+        raise
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.api_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def aclient(stack: Stack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=stack.api_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def http(stack: Stack):
+    with httpx.Client(base_url=stack.api_url, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def redis(stack: Stack) -> redis_lib.Redis:
+    return redis_lib.Redis.from_url(stack.redis_url)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(get_settings().model_path)
+
+
+@pytest.fixture(scope="session")
+def model() -> str:
+    return MODEL
