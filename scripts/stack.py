@@ -161,8 +161,10 @@ class Stack:
 
     def stop_proc(self, proc: Proc, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         proc.expected_exit = True  # type: ignore[attr-defined]
+        # The service itself first, so it can shut down its children in order (a worker
+        # finishes its jobs, then stops its engine core); the rest of its group after.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.popen.pid, sig)
+            os.kill(proc.popen.pid, sig)
         try:
             proc.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -204,6 +206,8 @@ def run() -> int:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Explicitly: a shell that starts us in the background may have left SIGINT ignored.
+    signal.signal(signal.SIGINT, on_signal)
     try:
         stack.start_redis()
         stack.start_worker()
