@@ -33,7 +33,9 @@ class ChatTokenizer:
         try:
             text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja2 TemplateError and friends: the messages don't fit
-            raise InvalidRequestError(f"messages do not fit the model's chat template: {exc}", param="messages") from exc
+            raise InvalidRequestError(
+                f"messages do not fit the model's chat template: {exc}", param="messages"
+            ) from exc
         return list(self._tok.encode(text, add_special_tokens=False))
 
 

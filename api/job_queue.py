@@ -15,13 +15,13 @@ from common.errors import ServiceUnavailableError
 
 
 class JobQueue:
-    def __init__(self, redis_url: str):
+    def __init__(self, redis_url: str, visibility_timeout: int):
         self.app = Celery("llmq-api", broker=redis_url)
         self.app.conf.update(
             task_send_sent_event=True,  # Flower shows jobs from the moment they are queued
             task_ignore_result=True,
             broker_connection_retry_on_startup=True,
-            broker_transport_options={"visibility_timeout": 3600},
+            broker_transport_options={"visibility_timeout": visibility_timeout},
         )
 
     def _send(self, job_id: str, model: str) -> None:

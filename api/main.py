@@ -3,6 +3,7 @@ the model catalog and the job queue once per process, in the lifespan."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from api.errors import install_error_handlers
 from api.job_queue import JobQueue
 from api.relay import StreamRelay
 from api.routes import chat, health, models
+from common.reaper import Reaper
 from common.settings import Settings, get_settings
 
 
@@ -28,15 +30,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         relay = StreamRelay(settings.redis_url, settings.stream_buffer_events)
         await relay.start()
         catalog = ModelCatalog(redis, settings.worker_ttl_seconds)
-        queue = JobQueue(settings.redis_url)
+        queue = JobQueue(settings.redis_url, settings.broker_visibility_timeout)
         app.state.settings = settings
         app.state.redis = redis
         app.state.relay = relay
         app.state.catalog = catalog
-        app.state.chat = ChatService(settings, redis, relay, catalog, queue)
+        chat = ChatService(settings, redis, relay, catalog, queue)
+        app.state.chat = chat
+        reaper = Reaper(
+            chat.store,
+            queue.submit,
+            worker_ttl_seconds=settings.worker_ttl_seconds,
+            max_attempts=settings.max_attempts,
+            interval_seconds=settings.reaper_interval_seconds,
+        )
+        reaping = asyncio.create_task(reaper.run(), name="reaper")
         try:
             yield
         finally:
+            reaping.cancel()
+            await asyncio.gather(reaping, return_exceptions=True)
             await relay.stop()
             queue.close()
             catalog.close()

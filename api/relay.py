@@ -2,7 +2,8 @@
 
 Each stream subscribes to its job's channel on the shared connection and gets a bounded
 in-process queue. `subscribe` returns only once Redis has confirmed the subscription, so
-a job queued afterwards cannot publish before we listen. A stream whose client stops
+a job queued afterwards cannot publish before we listen. Ordering, gaps and catching up
+from the replay log are the reader's business (`api.chat.ChatService.follow`). A stream whose client stops
 reading fills its own queue and is cut off; it never backs up the shared connection.
 """
 
@@ -34,17 +35,11 @@ class Subscription:
     def __init__(self, channel: str, maxsize: int):
         self.channel = channel
         self._queue: asyncio.Queue[ChunkEvent | StreamClosed] = asyncio.Queue(maxsize)
-        self._next_seq = 0
         self.closed = False
 
     def _deliver(self, event: ChunkEvent) -> None:
         if self.closed:
             return
-        if event.seq != self._next_seq:
-            lost = StreamClosed(f"stream lost events {self._next_seq}..{event.seq - 1}", code="stream_interrupted")
-            self._close(lost, keep_buffered=True)
-            return
-        self._next_seq += 1
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:

@@ -112,13 +112,19 @@ async def run_direct(levels: list[int], tokens: int, rounds: int) -> list[LevelR
 
 async def run_stack(levels: list[int], tokens: int, rounds: int, log_dir: Path) -> list[LevelResult]:
     import httpx
+    from stack import Stack, free_port
 
     from common.settings import get_settings
-    from stack import Stack, free_port
 
     model = get_settings().model_name
     slots = max(64, max(levels))
-    stack = Stack(redis_port=free_port(), api_port=free_port(), flower_port=None, log_dir=log_dir, env={"WORKER_SLOTS": str(slots)})
+    stack = Stack(
+        redis_port=free_port(),
+        api_port=free_port(),
+        flower_port=None,
+        log_dir=log_dir,
+        env={"WORKER_SLOTS": str(slots)},
+    )
     body = {
         "model": model,
         "messages": PROMPT,
@@ -155,8 +161,13 @@ async def run_stack(levels: list[int], tokens: int, rounds: int, log_dir: Path) 
             await one()  # warm-up (loads the API's tokenizer)
             for streams in levels:
                 total, seconds, ttfts = await closed_loop(streams, rounds, one)
-                r = LevelResult("stack", streams, len(ttfts), total, seconds, percentile(ttfts, 50), percentile(ttfts, 99))
-                print(f"  stack  {streams:>3} streams: {r.tokens_per_s:7.1f} tok/s  TTFT p50 {r.ttft_p50:.3f}s", flush=True)
+                r = LevelResult(
+                    "stack", streams, len(ttfts), total, seconds, percentile(ttfts, 50), percentile(ttfts, 99)
+                )
+                print(
+                    f"  stack  {streams:>3} streams: {r.tokens_per_s:7.1f} tok/s  TTFT p50 {r.ttft_p50:.3f}s",
+                    flush=True,
+                )
                 results.append(r)
     finally:
         stack.stop()
@@ -198,8 +209,13 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
-            json.dumps({"direct": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in direct],
-                        "stack": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in stack]}, indent=2)
+            json.dumps(
+                {
+                    "direct": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in direct],
+                    "stack": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in stack],
+                },
+                indent=2,
+            )
         )
     return 0
 

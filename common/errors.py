@@ -1,11 +1,11 @@
 """The service's error hierarchy; each error renders as an OpenAI error object.
 
-    ServiceError                  500 server_error
-    ├── InvalidRequestError       400 invalid_request_error
-    │   └── ContextLengthError    400 invalid_request_error / context_length_exceeded
-    ├── NotFoundError             404 invalid_request_error / model_not_found, ...
-    ├── ServiceUnavailableError   503 service_unavailable (e.g. Redis unreachable)
-    └── EngineError               500 server_error (the engine failed on a job)
+ServiceError                  500 server_error
+├── InvalidRequestError       400 invalid_request_error
+│   └── ContextLengthError    400 invalid_request_error / context_length_exceeded
+├── NotFoundError             404 invalid_request_error / model_not_found, ...
+├── ServiceUnavailableError   503 service_unavailable (e.g. Redis unreachable)
+└── EngineError               500 server_error (the engine failed on a job)
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from common.schemas import Usage
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     queued = "queued"
     in_progress = "in_progress"
     completed = "completed"
@@ -57,6 +57,24 @@ def new_job_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
+class JobOptions(BaseModel):
+    """How the job was asked for; a resumed stream behaves like the original."""
+
+    stream: bool = False
+    include_usage: bool = False
+    background: bool = False
+
+
+class ChoiceResult(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+class JobResult(BaseModel):
+    choices: list[ChoiceResult]
+
+
 class JobRecord(BaseModel):
     """The job record, stored as a Redis hash (one field per attribute)."""
 
@@ -68,8 +86,12 @@ class JobRecord(BaseModel):
     finished: float | None = None
     worker: str | None = None
     attempt: int = 0
+    requeued: float | None = None
+    cancel_requested: bool = False
     request: JobRequest | None = None
+    options: JobOptions = Field(default_factory=JobOptions)
     usage: Usage | None = None
+    result: JobResult | None = None
     error: dict[str, Any] | None = None
 
     def to_redis(self) -> dict[str, str]:
@@ -97,7 +119,8 @@ EventKind = Literal["delta", "done", "error"]
 class ChoiceDelta(BaseModel):
     index: int
     text: str = ""
-    tokens: int = 0
+    # The tokens behind `text`: a new attempt continues from them.
+    token_ids: list[int] = Field(default_factory=list)
     finish_reason: str | None = None
 
 
@@ -106,6 +129,7 @@ class ChunkEvent(BaseModel):
 
     seq: int
     kind: EventKind
+    attempt: int = 1
     choices: list[ChoiceDelta] = Field(default_factory=list)
     usage: Usage | None = None
     error: dict[str, Any] | None = None

@@ -6,6 +6,8 @@ PREFIX = "llmq:"
 
 # Sorted set: worker id -> time of its last heartbeat.
 WORKERS = PREFIX + "workers"
+# Lock held by whichever process is reaping dead workers' jobs.
+REAPER_LOCK = PREFIX + "reaper-lock"
 # Pub/sub channel on which cancellations are announced to every worker.
 CANCEL_CHANNEL = PREFIX + "cancel"
 
@@ -18,6 +20,16 @@ def job(job_id: str) -> str:
 def job_channel(job_id: str) -> str:
     """Pub/sub channel carrying one job's chunk events."""
     return f"{PREFIX}chunks:{job_id}"
+
+
+def job_log(job_id: str) -> str:
+    """List: the job's chunk events, index == seq (the replay log)."""
+    return f"{PREFIX}events:{job_id}"
+
+
+def inflight(worker_id: str) -> str:
+    """Set: job keys a worker is running (what the reaper re-queues if the worker dies)."""
+    return f"{PREFIX}inflight:{worker_id}"
 
 
 def worker(worker_id: str) -> str:

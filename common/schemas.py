@@ -86,6 +86,8 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Answer at once with the queued job; fetch it later (GET /v1/chat/completions/{id}).
+    background: bool = False
     # vLLM extensions, handy for benchmarks and evaluation harnesses.
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     # `worker_ttl_seconds` no longer counts as live.
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     worker_ttl_seconds: float = Field(default=15.0, gt=0)
+    # A lost worker's jobs are re-run this many attempts in all, then failed.
+    max_attempts: int = Field(default=3, ge=1)
+    reaper_interval_seconds: float = Field(default=3.0, gt=0)
+    # A message a dead worker had reserved but not started goes back to the queue after
+    # this long (running jobs are re-queued by the reaper long before).
+    broker_visibility_timeout: int = Field(default=300, ge=10)
 
     # Per-stream buffer of undelivered events before a slow client is cut off.
     stream_buffer_events: int = Field(default=4096, ge=16)

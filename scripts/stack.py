@@ -89,7 +89,12 @@ class Stack:
         # Own session: each service (and its children, e.g. vLLM's engine core) is one
         # process group that we can end without touching anything else.
         popen = subprocess.Popen(
-            args, cwd=ROOT, env=self._env(), stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
+            args,
+            cwd=ROOT,
+            env=self._env(),
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
         )
         proc = Proc(name, popen, out)
         self.procs.append(proc)
@@ -103,13 +108,36 @@ class Stack:
         data.mkdir(parents=True, exist_ok=True)
         self.spawn(
             "redis",
-            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data)],
+            [
+                "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data),
+            ],
         )
         self._wait(lambda: redis_answers(self.redis_port), 20, "redis")
 
     def start_worker(self, name: str = "worker1", extra_env: dict[str, str] | None = None) -> Proc:
         env_args = [f"{k}={v}" for k, v in (extra_env or {}).items()]
-        args = [self.python, "-m", "celery", "-A", "worker.celery_app", "worker", "-n", f"{name}@%h", "--loglevel", "INFO"]
+        args = [
+            self.python,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-n",
+            f"{name}@%h",
+            "--loglevel",
+            "INFO",
+        ]
         if env_args:
             args = ["env", *env_args, *args]
         return self.spawn(name, args)
@@ -117,7 +145,18 @@ class Stack:
     def start_api(self) -> Proc:
         return self.spawn(
             "api",
-            [self.python, "-m", "uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", str(self.api_port), "--log-level", "warning"],
+            [
+                self.python,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(self.api_port),
+                "--log-level",
+                "warning",
+            ],
         )
 
     def start_flower(self) -> Proc | None:
@@ -125,7 +164,15 @@ class Stack:
             return None
         return self.spawn(
             "flower",
-            [self.python, "-m", "celery", f"--broker={self.redis_url}", "flower", f"--port={self.flower_port}", "--address=0.0.0.0"],
+            [
+                self.python,
+                "-m",
+                "celery",
+                f"--broker={self.redis_url}",
+                "flower",
+                f"--port={self.flower_port}",
+                "--address=0.0.0.0",
+            ],
         )
 
     def health(self) -> dict | None:
@@ -149,7 +196,9 @@ class Stack:
         for p in self.procs:
             code = p.popen.poll()
             if code is not None and not getattr(p, "expected_exit", False):
-                raise RuntimeError(f"{p.name} exited with {code}" + (f"; see {self.log_dir}/{p.name}.log" if self.log_dir else ""))
+                raise RuntimeError(
+                    f"{p.name} exited with {code}" + (f"; see {self.log_dir}/{p.name}.log" if self.log_dir else "")
+                )
 
     def _wait(self, check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout

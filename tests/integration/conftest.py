@@ -38,7 +38,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         s.wait_ready(MODEL, timeout=600)
     except BaseException:
         for log in sorted(logs.glob("*.log")):
-            sys.stderr.write(f"--- {log.name} (tail) ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]) + "\n")
+            sys.stderr.write(
+                f"--- {log.name} (tail) ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]) + "\n"
+            )
         s.stop()
         raise
     yield s

@@ -42,7 +42,12 @@ def test_streaming_matches_non_streaming(client, model):
     whole = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=30)
     chunks = list(
         client.chat.completions.create(
-            model=model, messages=FRANCE, temperature=0, max_tokens=30, stream=True, stream_options={"include_usage": True}
+            model=model,
+            messages=FRANCE,
+            temperature=0,
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -88,7 +93,9 @@ def test_n_choices_streaming_and_not(client, model):
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
     assert all(c.message.content for c in r.choices)
     assert r.usage.completion_tokens <= 36 and r.usage.completion_tokens >= 3
-    chunks = list(client.chat.completions.create(model=model, messages=FRANCE, n=2, temperature=1.0, max_tokens=8, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=model, messages=FRANCE, n=2, temperature=1.0, max_tokens=8, stream=True)
+    )
     texts = {0: "", 1: ""}
     for c in chunks:
         for ch in c.choices:
@@ -98,7 +105,12 @@ def test_n_choices_streaming_and_not(client, model):
 
 def test_seed_makes_sampling_repeatable(client, model):
     kw = dict(
-        model=model, messages=FRANCE, temperature=1.0, top_p=0.9, seed=1234, max_tokens=16,
+        model=model,
+        messages=FRANCE,
+        temperature=1.0,
+        top_p=0.9,
+        seed=1234,
+        max_tokens=16,
         extra_body={"top_k": 40, "min_p": 0.01},
     )
     a = client.chat.completions.create(**kw).choices[0].message.content
@@ -111,10 +123,18 @@ def test_system_assistant_and_tool_roles(client, model, tokenizer):
         {"role": "system", "content": "You answer in one word."},
         {"role": "user", "content": "Capital of France?"},
         {"role": "assistant", "content": "Paris."},
-        {"role": "tool", "content": "{\"population\": 2100000}", "tool_call_id": "call_1"},
+        {"role": "tool", "content": '{"population": 2100000}', "tool_call_id": "call_1"},
         {"role": "user", "content": "And of Italy?"},
     ]
-    r = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=10, presence_penalty=0.5, frequency_penalty=0.5, extra_body={"repetition_penalty": 1.1})
+    r = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        temperature=0,
+        max_tokens=10,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        extra_body={"repetition_penalty": 1.1},
+    )
     assert r.choices[0].message.content
     assert r.usage.prompt_tokens == prompt_tokens(tokenizer, messages)
 
@@ -125,8 +145,13 @@ async def test_concurrent_streams_are_batched(aclient, model):
 
     async def one(max_tokens: int) -> tuple[str, int]:
         stream = await aclient.chat.completions.create(
-            model=model, messages=FRANCE, temperature=0, max_tokens=max_tokens, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            model=model,
+            messages=FRANCE,
+            temperature=0,
+            max_tokens=max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
         text, tokens = "", 0
         async for c in stream:

@@ -6,9 +6,10 @@ import asyncio
 import json
 
 import pytest
+import redis.asyncio as aioredis
 from sse_starlette import ServerSentEvent
 
-from api.chat import ChatService, SubmittedJob, resolve_max_tokens, sampling_from_request
+from api.chat import ChatService, JobView, resolve_max_tokens, sampling_from_request
 from api.relay import StreamClosed, Subscription
 from common.errors import ContextLengthError, InvalidRequestError
 from common.jobs import ChoiceDelta, ChunkEvent
@@ -43,23 +44,28 @@ def test_sampling_spec_takes_what_was_given():
         sampling_from_request(req(min_tokens=9), max_tokens=5)
 
 
-class StubRelay:
-    def __init__(self):
-        self.unsubscribed = []
+class ScriptedService(ChatService):
+    """ChatService whose job events come from a list instead of Redis."""
 
-    async def unsubscribe(self, sub):
-        self.unsubscribed.append(sub.channel)
+    def __init__(self, events):
+        # An unconnected client: nothing here talks to Redis.
+        super().__init__(Settings(), redis=aioredis.Redis(), relay=None, catalog=None, queue=None)  # type: ignore[arg-type]
+        self.events = events
+        self.cancelled = []
+
+    async def follow(self, job_id, after=-1, subscription=None):
+        for event in self.events:
+            if event.seq > after:
+                yield event
+                if event.kind != "delta":
+                    return
+
+    async def cancel(self, job_id, quiet=False):
+        self.cancelled.append(job_id)
 
 
-def make_job(n=1, events=()):
-    sub = Subscription("ch", maxsize=64)
-    for ev in events:
-        sub._deliver(ev)
-    return SubmittedJob(id="chatcmpl-1", model="m", created=1, n=n, subscription=sub)
-
-
-def service(relay):
-    return ChatService(Settings(), redis=None, relay=relay, catalog=None, queue=None)  # type: ignore[arg-type]
+def view(n=1, include_usage=False):
+    return JobView(id="chatcmpl-1", model="m", created=1, n=n, include_usage=include_usage, background=False)
 
 
 async def drain(gen):
@@ -67,16 +73,15 @@ async def drain(gen):
 
 
 EVENTS = [
-    ChunkEvent(seq=0, kind="delta", choices=[ChoiceDelta(index=0, text="Hel", tokens=1)]),
-    ChunkEvent(seq=1, kind="delta", choices=[ChoiceDelta(index=0, text="", tokens=1)]),
-    ChunkEvent(seq=2, kind="delta", choices=[ChoiceDelta(index=0, text="lo", tokens=1, finish_reason="stop")]),
+    ChunkEvent(seq=0, kind="delta", choices=[ChoiceDelta(index=0, text="Hel", token_ids=[1])]),
+    ChunkEvent(seq=1, kind="delta", choices=[ChoiceDelta(index=0, text="", token_ids=[1])]),
+    ChunkEvent(seq=2, kind="delta", choices=[ChoiceDelta(index=0, text="lo", token_ids=[1], finish_reason="stop")]),
     ChunkEvent(seq=3, kind="done", usage=Usage(prompt_tokens=4, completion_tokens=3, total_tokens=7)),
 ]
 
 
 async def test_stream_wire_format():
-    relay = StubRelay()
-    out = await drain(service(relay).stream(make_job(events=EVENTS), req(stream=True, stream_options={"include_usage": True})))
+    out = await drain(ScriptedService(EVENTS).stream(view(include_usage=True)))
     wire = "".join(ServerSentEvent(**item, sep="\n").encode().decode() for item in out)
     frames = [f for f in wire.split("\n\n") if f]
     datas = [json.loads(f.split("data: ", 1)[1]) for f in frames[:-1]]
@@ -87,46 +92,77 @@ async def test_stream_wire_format():
     assert [d["choices"][0]["delta"] for d in datas[1:3]] == [{"content": "Hel"}, {"content": "lo"}]
     assert datas[2]["choices"][0]["finish_reason"] == "stop"
     assert frames[1].startswith("id: 0\n") and frames[2].startswith("id: 2\n")
-    assert datas[3]["choices"] == [] and datas[3]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
-    assert relay.unsubscribed == ["ch"]
+    assert datas[3]["choices"] == [] and datas[3]["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 3,
+        "total_tokens": 7,
+    }
+    assert all("attempt" not in d for d in datas)
+
+
+async def test_resumed_stream_starts_after_the_given_event_without_role_chunk():
+    out = await drain(ScriptedService(EVENTS).stream(view(), after=0))
+    datas = [json.loads(i["data"]) for i in out[:-1]]
+    assert [d["choices"][0]["delta"] for d in datas] == [{"content": "lo"}]
+    assert out[0]["id"] == "2" and out[-1]["data"] == "[DONE]"
 
 
 async def test_stream_without_include_usage_has_no_usage_chunk():
-    out = await drain(service(StubRelay()).stream(make_job(events=EVENTS), req(stream=True)))
+    out = await drain(ScriptedService(EVENTS).stream(view()))
     datas = [json.loads(i["data"]) for i in out[:-1]]
     assert all(d["usage"] is None for d in datas) and out[-1]["data"] == "[DONE]"
 
 
 async def test_error_after_start_goes_in_the_stream_then_done():
-    events = [
-        EVENTS[0],
-        ChunkEvent(seq=1, kind="error", error={"error": {"message": "boom", "type": "server_error", "param": None, "code": "engine_error"}}),
-    ]
-    out = await drain(service(StubRelay()).stream(make_job(events=events), req(stream=True)))
+    error = {"error": {"message": "boom", "type": "server_error", "param": None, "code": "engine_error"}}
+    events = [EVENTS[0], ChunkEvent(seq=1, kind="error", error=error)]
+    out = await drain(ScriptedService(events).stream(view()))
     assert json.loads(out[-2]["data"])["error"]["message"] == "boom"
     assert out[-1]["data"] == "[DONE]"
 
 
-async def test_collect_builds_a_chat_completion():
-    completion = await service(StubRelay()).collect(make_job(events=EVENTS))
-    assert completion.choices[0].message.content == "Hello"
-    assert completion.choices[0].finish_reason == "stop" and completion.usage.total_tokens == 7
+async def test_new_attempt_is_marked_on_its_chunks():
+    events = [
+        EVENTS[0],
+        ChunkEvent(seq=1, kind="delta", attempt=2, choices=[ChoiceDelta(index=0, text="lo", token_ids=[5])]),
+        ChunkEvent(seq=2, kind="done", attempt=2, usage=Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)),
+    ]
+    out = await drain(ScriptedService(events).stream(view()))
+    datas = [json.loads(i["data"]) for i in out[:-1]]
+    assert "".join(d["choices"][0]["delta"].get("content", "") for d in datas[1:]) == "Hello"
+    assert datas[2]["attempt"] == 2
 
 
-async def test_collect_raises_the_workers_error():
-    events = [ChunkEvent(seq=0, kind="error", error=InvalidRequestError("bad prompt").to_dict())]
-    with pytest.raises(InvalidRequestError):
-        await service(StubRelay()).collect(make_job(events=events))
+async def test_restarted_multi_choice_job_ends_the_stream_with_an_error():
+    events = [
+        ChunkEvent(seq=0, kind="delta", choices=[ChoiceDelta(index=0, text="a"), ChoiceDelta(index=1, text="b")]),
+        ChunkEvent(seq=1, kind="delta", attempt=2, choices=[ChoiceDelta(index=0, text="c")]),
+    ]
+    out = await drain(ScriptedService(events).stream(view(n=2)))
+    assert json.loads(out[-2]["data"])["error"]["code"] == "worker_lost" and out[-1]["data"] == "[DONE]"
 
 
-async def test_gap_in_sequence_ends_the_stream_with_an_error():
-    sub = Subscription("ch", maxsize=8)
-    sub._deliver(EVENTS[0])
-    sub._deliver(EVENTS[2])  # seq 1 lost
-    assert (await sub.get()).seq == 0
-    with pytest.raises(StreamClosed) as exc:
-        await sub.get()
-    assert exc.value.code == "stream_interrupted"
+async def test_cancelled_job_ends_with_finish_reason_cancelled():
+    events = [
+        ChunkEvent(
+            seq=0,
+            kind="done",
+            choices=[ChoiceDelta(index=0, finish_reason="cancelled")],
+            usage=Usage(prompt_tokens=1, completion_tokens=0, total_tokens=1),
+        ),
+    ]
+    out = await drain(ScriptedService(events).stream(view()))
+    assert json.loads(out[1]["data"])["choices"][0]["finish_reason"] == "cancelled"
+
+
+async def test_leaving_an_ordinary_stream_cancels_the_job_but_not_a_background_one():
+    for cancel_on_disconnect, expected in ((True, ["chatcmpl-1"]), (False, [])):
+        service = ScriptedService(EVENTS)
+        gen = service.stream(view(), cancel_on_disconnect=cancel_on_disconnect)
+        await gen.__anext__()
+        await gen.__anext__()
+        await gen.aclose()
+        assert service.cancelled == expected
 
 
 async def test_slow_consumer_is_cut_off_with_bounded_buffer():

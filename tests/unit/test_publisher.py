@@ -11,19 +11,19 @@ from worker.publisher import ChunkPublisher, merge_deltas
 
 def test_merge_deltas_concatenates_per_choice():
     merged = merge_deltas(
-        [ChoiceDelta(index=0, text="a", tokens=1), ChoiceDelta(index=1, text="x", tokens=1)],
-        [ChoiceDelta(index=0, text="b", tokens=2, finish_reason="length")],
+        [ChoiceDelta(index=0, text="a", token_ids=[1]), ChoiceDelta(index=1, text="x", token_ids=[9])],
+        [ChoiceDelta(index=0, text="b", token_ids=[2, 3], finish_reason="length")],
     )
     assert merged == [
-        ChoiceDelta(index=0, text="ab", tokens=3, finish_reason="length"),
-        ChoiceDelta(index=1, text="x", tokens=1),
+        ChoiceDelta(index=0, text="ab", token_ids=[1, 2, 3], finish_reason="length"),
+        ChoiceDelta(index=1, text="x", token_ids=[9]),
     ]
 
 
 class RecordingPipeline:
-    def __init__(self, sink):
-        self.sink = sink
-        self.batch = []
+    def __init__(self, store):
+        self.store = store
+        self.answers = []
 
     async def __aenter__(self):
         return self
@@ -31,40 +31,77 @@ class RecordingPipeline:
     async def __aexit__(self, *exc):
         return False
 
-    def publish(self, channel, payload):
-        self.batch.append((channel, payload))
-
     async def execute(self):
-        self.sink.append(list(self.batch))
+        return self.answers
 
 
-class RecordingRedis:
-    def __init__(self):
-        self.sent = []
+class FakeStore:
+    """Records what the publisher appends, as JobStore's scripts would, per job."""
+
+    def __init__(self, lost=()):
+        self.logs = {}
+        self.lost = set(lost)
+        self.finished = {}
+        self.redis = self
 
     def pipeline(self, transaction=False):
-        return RecordingPipeline(self.sent)
+        return RecordingPipeline(self)
+
+    async def append_in(self, pipe, job_id, attempt, first_seq, payloads):
+        if job_id in self.lost:
+            pipe.answers.append(-1)
+            return
+        log = self.logs.setdefault(job_id, [])
+        assert len(log) == first_seq
+        log.extend(ChunkEvent.decode(p) for p in payloads)
+        pipe.answers.append(len(log))
+
+    async def finish_in(self, pipe, job_id, worker_id, attempt, event, seq, fields):
+        if job_id in self.lost:
+            pipe.answers.append(0)
+            return
+        log = self.logs.setdefault(job_id, [])
+        assert len(log) == seq
+        log.append(ChunkEvent.decode(event))
+        self.finished[job_id] = fields
+        pipe.answers.append(1)
 
 
 async def test_publisher_coalesces_a_backlog_and_numbers_without_gaps():
-    redis = RecordingRedis()
-    pub = ChunkPublisher(redis)  # type: ignore[arg-type]
+    store = FakeStore()
+    pub = ChunkPublisher(store, "w1")  # type: ignore[arg-type]
     # A backlog built up while the publisher was busy: two jobs interleaved.
     for i in range(5):
-        pub.delta("a", [ChoiceDelta(index=0, text=str(i), tokens=1)])
-        pub.delta("b", [ChoiceDelta(index=0, text="b", tokens=1)])
+        pub.delta("a", 1, [ChoiceDelta(index=0, text=str(i), token_ids=[i])])
+        pub.delta("b", 1, [ChoiceDelta(index=0, text="b", token_ids=[9])])
     task = asyncio.create_task(pub.run())
-    await pub.finish("a", "done", usage=Usage(prompt_tokens=1, completion_tokens=5, total_tokens=6))
-    pub.delta("b", [ChoiceDelta(index=0, text="c", tokens=1)])
-    await pub.finish("b", "done", usage=Usage(prompt_tokens=1, completion_tokens=6, total_tokens=7))
+    usage = Usage(prompt_tokens=1, completion_tokens=5, total_tokens=6)
+    assert await pub.finish("a", 1, "done", usage=usage, fields={"status": "completed"})
+    pub.delta("b", 1, [ChoiceDelta(index=0, text="c", token_ids=[8])])
+    assert await pub.finish("b", 1, "done", usage=usage, fields={"status": "completed"})
     task.cancel()
-    events = {"a": [], "b": []}
-    for batch in redis.sent:
-        for channel, payload in batch:
-            events[channel.rsplit(":", 1)[1]].append(ChunkEvent.decode(payload))
-    a, b = events["a"], events["b"]
+    a, b = store.logs["a"], store.logs["b"]
     assert [e.seq for e in a] == list(range(len(a))) and [e.seq for e in b] == list(range(len(b)))
     assert "".join(c.text for e in a for c in e.choices) == "01234" and a[-1].kind == "done"
+    assert [t for e in a for c in e.choices for t in c.token_ids] == [0, 1, 2, 3, 4]
     assert "".join(c.text for e in b for c in e.choices) == "bbbbbc" and b[-1].kind == "done"
     # The backlog went out as one message per job, not one per token.
     assert len(a) == 2
+    assert store.finished == {"a": {"status": "completed"}, "b": {"status": "completed"}}
+
+
+async def test_a_job_taken_over_by_another_attempt_is_reported_lost():
+    store = FakeStore(lost={"a"})
+    lost = []
+    pub = ChunkPublisher(store, "w1", on_lost=lost.append)  # type: ignore[arg-type]
+    store.logs["c"] = [ChunkEvent(seq=i, kind="delta") for i in range(7)]
+    task = asyncio.create_task(pub.run())
+    pub.delta("a", 1, [ChoiceDelta(index=0, text="x", token_ids=[1])])
+    pub.begin("c", 7)  # a retry continues its log where the earlier attempt stopped
+    pub.delta("c", 2, [ChoiceDelta(index=0, text="y", token_ids=[2])])
+    owned_a = await pub.finish("a", 1, "done", fields={"status": "completed"})
+    owned_c = await pub.finish("c", 2, "done", fields={"status": "completed"})
+    task.cancel()
+    assert owned_a is False and lost == ["a"]
+    assert owned_c is True and [e.seq for e in store.logs["c"]] == list(range(9))
+    assert store.logs["c"][7].attempt == 2

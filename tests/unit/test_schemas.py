@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from common.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, ServiceError
-from common.jobs import ChunkEvent, ChoiceDelta, JobRecord, JobRequest, JobStatus, SamplingSpec
+from common.jobs import ChoiceDelta, ChunkEvent, JobRecord, JobRequest, JobStatus, SamplingSpec
 from common.schemas import ChatCompletionRequest
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -89,7 +89,10 @@ def test_content_parts_and_roles_rendered_for_template():
 def test_image_parts_rejected():
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate(
-            {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            }
         )
 
 
@@ -109,13 +112,18 @@ def test_job_record_round_trip_through_redis_hash():
 
 
 def test_chunk_event_round_trip():
-    ev = ChunkEvent(seq=3, kind="delta", choices=[ChoiceDelta(index=0, text="hé", tokens=1)])
+    ev = ChunkEvent(seq=3, kind="delta", choices=[ChoiceDelta(index=0, text="hé", token_ids=[7])])
     assert ChunkEvent.decode(ev.encode().encode()) == ev
 
 
 def test_errors_render_as_openai_objects():
     assert ContextLengthError("too long", param="messages").to_dict() == {
-        "error": {"message": "too long", "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
+        "error": {
+            "message": "too long",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
     }
     assert ModelNotFoundError("no").status_code == 404
     back = ServiceError.from_dict(InvalidRequestError("bad", param="x").to_dict())
