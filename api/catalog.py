@@ -9,6 +9,7 @@ before anything is queued. transformers is used without torch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ import redis.asyncio as aioredis
 from common import keys
 from common.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from common.jobs import ModelCard, WorkerInfo
+
+log = logging.getLogger(__name__)
 
 
 class ChatTokenizer:
@@ -108,6 +111,22 @@ class ModelCatalog:
             safe = Path(name.decode()).name  # never outside the folder
             (folder / safe).write_bytes(content)
         return await asyncio.to_thread(ChatTokenizer, folder)
+
+    def ready_models(self, names: list[str]) -> list[str]:
+        cards = self._live[1] if self._live else {}
+        return [n for n in names if n in cards and cards[n].tokenizer_digest in self._tokenizers]
+
+    async def keep_warm(self, interval: float = 2.0) -> None:
+        """Load each live model's tokenizer as soon as its worker registers, so no client
+        request pays for it (importing transformers alone takes seconds)."""
+        await asyncio.to_thread(__import__, "transformers")
+        while True:
+            try:
+                for card in (await self.live_models(fresh=True)).values():
+                    await self._tokenizer(card)
+            except Exception as exc:  # Redis down, or a bundle not there yet: next round
+                log.debug("tokenizer warm-up: %s", exc)
+            await asyncio.sleep(interval)
 
     def close(self) -> None:
         self._dir.cleanup()

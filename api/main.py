@@ -44,12 +44,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_attempts=settings.max_attempts,
             interval_seconds=settings.reaper_interval_seconds,
         )
-        reaping = asyncio.create_task(reaper.run(), name="reaper")
+        background = [
+            asyncio.create_task(reaper.run(), name="reaper"),
+            asyncio.create_task(catalog.keep_warm(), name="tokenizer-warm-up"),
+        ]
         try:
             yield
         finally:
-            reaping.cancel()
-            await asyncio.gather(reaping, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await relay.stop()
             queue.close()
             catalog.close()

@@ -68,7 +68,7 @@ class StreamRelay:
     def __init__(self, redis_url: str, buffer_events: int):
         self.redis_url = redis_url
         self.buffer_events = buffer_events
-        self._subs: dict[str, Subscription] = {}
+        self._subs: dict[str, set[Subscription]] = {}
         self._confirm: dict[str, asyncio.Future[None]] = {}
         self._redis: aioredis.Redis | None = None
         self._pubsub: aioredis.client.PubSub | None = None
@@ -79,7 +79,7 @@ class StreamRelay:
 
     @property
     def open_streams(self) -> int:
-        return len(self._subs)
+        return sum(len(subs) for subs in self._subs.values())
 
     async def start(self) -> None:
         self._redis = aioredis.from_url(self.redis_url)
@@ -94,32 +94,49 @@ class StreamRelay:
             await self._redis.aclose()
 
     async def subscribe(self, channel: str, timeout: float = 5.0) -> Subscription:
+        """A new reader of `channel`; several readers of one channel share its subscription."""
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError as exc:
             raise ServiceUnavailableError("cannot reach Redis") from exc
         assert self._pubsub is not None
         sub = Subscription(channel, self.buffer_events)
-        self._subs[channel] = sub
-        confirmed = asyncio.get_running_loop().create_future()
-        self._confirm[channel] = confirmed
+        readers = self._subs.setdefault(channel, set())
+        first = not readers
+        readers.add(sub)
+        confirmed = self._confirm.get(channel)
+        if confirmed is None and not first:
+            return sub  # the channel is already subscribed
         try:
-            await self._pubsub.subscribe(channel)
-            await asyncio.wait_for(confirmed, timeout)
-        except (RedisError, TimeoutError) as exc:
-            self._subs.pop(channel, None)
+            if confirmed is None:
+                confirmed = asyncio.get_running_loop().create_future()
+                self._confirm[channel] = confirmed
+                await self._pubsub.subscribe(channel)
+            await asyncio.wait_for(asyncio.shield(confirmed), timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._drop(sub)
             raise ServiceUnavailableError("cannot subscribe to the job's stream") from exc
         finally:
-            self._confirm.pop(channel, None)
+            if confirmed is not None and confirmed.done():
+                self._confirm.pop(channel, None)
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:
-        if self._subs.pop(sub.channel, None) is None:
-            return
-        sub.closed = True
-        if self._pubsub is not None:
-            with contextlib.suppress(RedisError, ConnectionError):
+        if self._drop(sub) and self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.unsubscribe(sub.channel)
+
+    def _drop(self, sub: Subscription) -> bool:
+        """Forget a reader; True if it was its channel's last."""
+        sub.closed = True
+        readers = self._subs.get(sub.channel)
+        if readers is None or sub not in readers:
+            return False
+        readers.discard(sub)
+        if readers:
+            return False
+        del self._subs[sub.channel]
+        return True
 
     async def _run(self) -> None:
         assert self._redis is not None
@@ -139,11 +156,17 @@ class StreamRelay:
             except Exception:
                 log.exception("stream relay failed; restarting")
             self._ready.clear()
-            # Whatever was in flight on the old connection may be lost: end those streams.
-            for sub in list(self._subs.values()):
-                lost = StreamClosed("lost the connection to Redis mid-stream", code="stream_interrupted")
-                sub._close(lost, keep_buffered=True)
+            # Whatever was in flight on the old connection may be lost: tell every reader
+            # (they resubscribe and catch up from the replay log, if Redis still has it).
+            for readers in list(self._subs.values()):
+                for sub in readers:
+                    lost = StreamClosed("lost the connection to Redis mid-stream", code="stream_interrupted")
+                    sub._close(lost, keep_buffered=True)
             self._subs.clear()
+            for fut in self._confirm.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("lost the connection to Redis"))
+            self._confirm.clear()
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()  # type: ignore[union-attr]
             await asyncio.sleep(0.5)
@@ -153,14 +176,19 @@ class StreamRelay:
         channel = channel.decode() if isinstance(channel, bytes) else channel
         kind = message["type"]
         if kind == "message":
-            sub = self._subs.get(channel)
-            if sub is not None:
-                try:
-                    event = ChunkEvent.decode(message["data"])
-                except ValueError:
-                    log.error("undecodable event on %s", channel)
-                    return
+            readers = self._subs.get(channel)
+            if not readers:
+                return
+            try:
+                event = ChunkEvent.decode(message["data"])
+            except ValueError:
+                log.error("undecodable event on %s", channel)
+                return
+            for sub in list(readers):
                 sub._deliver(event)
+                if sub.closed and self._drop(sub) and self._pubsub is not None:
+                    # The last reader was cut off (slow consumer): stop listening right away.
+                    asyncio.get_running_loop().create_task(self._pubsub.unsubscribe(channel))
         elif kind == "subscribe":
             fut = self._confirm.get(channel)
             if fut is not None and not fut.done():

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # Per-stream buffer of undelivered events before a slow client is cut off.
     stream_buffer_events: int = Field(default=4096, ge=16)
     sse_ping_seconds: float = Field(default=15.0, gt=0)
+    # A client that accepts nothing for this long is disconnected.
+    sse_send_timeout_seconds: float = Field(default=30.0, gt=0)
     max_n: int = Field(default=16, ge=1)
 
     @property

@@ -188,7 +188,7 @@ class Stack:
         def ready() -> bool:
             self.check_alive()
             h = self.health()
-            return bool(h and model in h.get("models", []))
+            return bool(h and model in h.get("ready_models", []))
 
         self._wait(ready, timeout, f"API with a live worker for {model}")
 
@@ -225,6 +225,27 @@ class Stack:
             os.killpg(proc.popen.pid, signal.SIGKILL)
         if proc.log:
             proc.log.close()
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name and p.popen.poll() is None)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service and everything in its process group (a crash, for tests)."""
+        proc = self.proc(name)
+        proc.expected_exit = True  # type: ignore[attr-defined]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        proc.popen.wait(10)
+
+    def restart(self, name: str) -> None:
+        """Stop a service and start it again on the same port (redis or api)."""
+        self.stop_proc(self.proc(name))
+        if name == "redis":
+            self.start_redis()
+        elif name == "api":
+            self.start_api()
+        else:
+            raise ValueError(name)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

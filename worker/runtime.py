@@ -61,6 +61,7 @@ class WorkerRuntime:
         self.store: JobStore | None = None
         self.publisher: ChunkPublisher | None = None
         self.card: ModelCard | None = None
+        self._started = time.time()
         self._tokenizer_files: dict[str, bytes] = {}
 
     # -- lifecycle (called from Celery's threads) ---------------------------------------
@@ -147,11 +148,14 @@ class WorkerRuntime:
     async def _register(self) -> None:
         assert self.redis is not None and self.card is not None
         s = self.settings
-        info = WorkerInfo(id=self.worker_id, model=s.model_name, slots=s.worker_slots, started=time.time())
+        info = WorkerInfo(id=self.worker_id, model=s.model_name, slots=s.worker_slots, started=self._started)
         ttl = max(1, int(s.worker_ttl_seconds))
         bundle = keys.tokenizer_bundle(self.card.tokenizer_digest)
+        # The tokenizer files are megabytes: written only when missing (first start, Redis restart).
+        have_bundle = await self.redis.exists(bundle)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(bundle, mapping=self._tokenizer_files)  # type: ignore[arg-type]
+            if not have_bundle:
+                pipe.hset(bundle, mapping=self._tokenizer_files)  # type: ignore[arg-type]
             pipe.expire(bundle, s.job_ttl_seconds)
             pipe.set(keys.model_card(s.model_name), self.card.model_dump_json(), ex=s.job_ttl_seconds)
             pipe.set(keys.worker(self.worker_id), info.model_dump_json(), ex=ttl)

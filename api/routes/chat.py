@@ -24,7 +24,7 @@ def sse(service: ChatService, settings: Settings, job: JobView, events: Any) -> 
         sep="\n",
         headers={"X-Request-Id": job.id},
         # A client that stops reading for this long is cut off (its buffer is bounded too).
-        send_timeout=60,
+        send_timeout=settings.sse_send_timeout_seconds,
     )
 
 

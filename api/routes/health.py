@@ -24,5 +24,7 @@ async def health(request: Request, catalog: CatalogDep) -> JSONResponse:
             "redis": "ok",
             "models": models,
             "open_streams": request.app.state.relay.open_streams,
+            # Models whose requests can be validated right now (tokenizer loaded).
+            "ready_models": sorted(request.app.state.catalog.ready_models(models)),
         }
     )
