@@ -59,7 +59,7 @@ class ModelCatalog:
         ids = await self.redis.zrangebyscore(keys.WORKERS, now - self.worker_ttl, "+inf")
         names: set[str] = set()
         if ids:
-            infos = await self.redis.mget([keys.worker(i.decode()) for i in ids])
+            infos = await self.redis.mget([keys.worker(keys.text(i)) for i in ids])
             names = {WorkerInfo.model_validate_json(raw).model for raw in infos if raw}
         models: dict[str, ModelCard] = {}
         if names:
@@ -108,8 +108,8 @@ class ModelCatalog:
         folder = Path(self._dir.name) / digest
         folder.mkdir(parents=True, exist_ok=True)
         for name, content in files.items():
-            safe = Path(name.decode()).name  # never outside the folder
-            (folder / safe).write_bytes(content)
+            safe = Path(keys.text(name)).name  # never outside the folder
+            (folder / safe).write_bytes(content if isinstance(content, bytes) else content.encode())
         return await asyncio.to_thread(ChatTokenizer, folder)
 
     def ready_models(self, names: list[str]) -> list[str]:

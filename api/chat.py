@@ -318,7 +318,7 @@ class ChatService:
                     elif event.kind == "done":
                         finished = True
                         # Ends that came with no delta (cancelled while queued, or by the reaper).
-                        tail = [
+                        tail: list[dict[str, Any]] = [
                             {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
                             for c in event.choices
                             if c.finish_reason

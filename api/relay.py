@@ -188,7 +188,7 @@ class StreamRelay:
                 sub._deliver(event)
                 if sub.closed and self._drop(sub) and self._pubsub is not None:
                     # The last reader was cut off (slow consumer): stop listening right away.
-                    asyncio.get_running_loop().create_task(self._pubsub.unsubscribe(channel))
+                    asyncio.ensure_future(self._pubsub.unsubscribe(channel))
         elif kind == "subscribe":
             fut = self._confirm.get(channel)
             if fut is not None and not fut.done():

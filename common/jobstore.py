@@ -111,7 +111,7 @@ class JobStore:
     async def create(self, record: JobRecord) -> None:
         key = keys.job(record.id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=record.to_redis())
+            pipe.hset(key, mapping=record.to_redis())  # type: ignore[arg-type]
             pipe.expire(key, self.ttl)
             await pipe.execute()
 
@@ -121,7 +121,7 @@ class JobStore:
 
     async def status(self, job_id: str) -> JobStatus | None:
         raw = await self.redis.hget(keys.job(job_id), "status")
-        return JobStatus(raw.decode()) if raw else None
+        return JobStatus(keys.text(raw)) if raw else None
 
     async def claim(self, job_id: str, worker_id: str) -> int | str:
         """Start an attempt: returns its number, or the status that prevents starting."""

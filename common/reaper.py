@@ -68,9 +68,9 @@ class Reaper:
         done: list[tuple[str, str]] = []
         dead = await redis.zrangebyscore(keys.WORKERS, "-inf", time.time() - self.worker_ttl)
         for raw_worker in dead:
-            worker = raw_worker.decode()
+            worker = keys.text(raw_worker)
             for raw_key in await redis.smembers(keys.inflight(worker)):
-                job_id = raw_key.decode().removeprefix(keys.job(""))
+                job_id = keys.text(raw_key).removeprefix(keys.job(""))
                 action = await self._reap(job_id, worker)
                 done.append((job_id, action))
             async with redis.pipeline(transaction=True) as pipe:

@@ -78,7 +78,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: list[str] | None = None
     seed: int | None = None
     n: int = Field(default=1, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -98,12 +98,14 @@ class ChatCompletionRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
+    def _stop_list(cls, value: object) -> object:
         if value is None:
             return None
         stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list):
+            return stops  # let the type check say what is wrong
         if len(stops) > 16:
             raise ValueError("at most 16 stop sequences are allowed")
         if any(s == "" for s in stops):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -61,8 +62,8 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=s.model_path,
             served_model_name=[s.model_name],
-            dtype=resolve_dtype(s.dtype),
-            max_model_len=s.max_model_len,
+            dtype=resolve_dtype(s.dtype),  # type: ignore[arg-type]
+            max_model_len=s.max_model_len,  # type: ignore[arg-type]  # None: the model's own
             enforce_eager=s.enforce_eager if s.enforce_eager is not None else not _has_cuda(),
             gpu_memory_utilization=s.gpu_memory_utilization,
             # One sequence per slot at least; `n` > 1 needs more.
@@ -107,7 +108,7 @@ class VllmEngine:
             )
         except ValueError as exc:
             raise EngineRequestError(str(exc)) from exc
-        prompt = {"prompt_token_ids": prompt_token_ids}
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
         try:
             async for output in self.llm.generate(prompt, params, request_id=request_id):
                 yield [
