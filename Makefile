@@ -26,7 +26,7 @@ redis:
 run: setup model redis
 	$(PY) scripts/stack.py run
 
-test: setup model redis
+test: setup model redis lint typecheck
 	$(PY) -m pytest tests
 
 test-unit: setup

@@ -9,6 +9,7 @@ def text(value: object) -> str:
     """A Redis reply (bytes) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
+
 # Sorted set: worker id -> time of its last heartbeat.
 WORKERS = PREFIX + "workers"
 # Lock held by whichever process is reaping dead workers' jobs.
