@@ -179,10 +179,9 @@ class ChatService:
 
     # -- creating ---------------------------------------------------------------------
 
-    async def submit(self, req: ChatCompletionRequest) -> tuple[JobView, Subscription | None]:
-        """Validate, record and queue a request. Every client error is raised here, before
-        anything is queued. Unless it runs in the background, the job's channel is already
-        subscribed when the job is queued (so no first events are missed)."""
+    async def prepare(self, req: ChatCompletionRequest, job_id: str | None = None) -> JobRecord:
+        """Validate a request and turn it into a job record (not yet stored). Every client
+        error is raised here."""
         if req.n > self.settings.max_n:
             raise InvalidRequestError(f"n must be at most {self.settings.max_n}", param="n")
         try:
@@ -194,12 +193,18 @@ class ChatService:
         max_tokens = resolve_max_tokens(req, len(prompt_ids), card.max_model_len)
         sampling = sampling_from_request(req, max_tokens)
 
-        record = JobRecord(
-            id=new_job_id(),
+        return JobRecord(
+            id=job_id or new_job_id(),
             model=req.model,
             request=JobRequest(prompt_token_ids=prompt_ids, sampling=sampling),
             options=JobOptions(stream=req.stream, include_usage=req.include_usage, background=req.background),
         )
+
+    async def submit(self, req: ChatCompletionRequest) -> tuple[JobView, Subscription | None]:
+        """Validate, record and queue a request, raising every client error before anything
+        is queued. Unless it runs in the background, the job's channel is already subscribed
+        when the job is queued (so no first events are missed)."""
+        record = await self.prepare(req)
         view = JobView(record.id, req.model, int(record.created), req.n, req.include_usage, req.background)
         subscription = None
         if req.stream or not req.background:

@@ -21,22 +21,23 @@ class JobQueue:
             task_send_sent_event=True,  # Flower shows jobs from the moment they are queued
             task_ignore_result=True,
             broker_connection_retry_on_startup=True,
-            broker_transport_options={"visibility_timeout": visibility_timeout},
+            broker_transport_options=keys.broker_transport_options(visibility_timeout),
         )
 
-    def _send(self, job_id: str, model: str) -> None:
+    def _send(self, job_id: str, model: str, priority: int) -> None:
         self.app.send_task(
             keys.CHAT_TASK,
             args=[job_id],
             task_id=job_id,
             queue=keys.chat_queue(model),
+            priority=priority,
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
         )
 
-    async def submit(self, job_id: str, model: str) -> None:
+    async def submit(self, job_id: str, model: str, priority: int = keys.CHAT_PRIORITY) -> None:
         try:
-            await anyio.to_thread.run_sync(self._send, job_id, model)
+            await anyio.to_thread.run_sync(self._send, job_id, model, priority)
         except (OperationalError, OSError) as exc:
             raise ServiceUnavailableError(f"could not queue the job: {exc}") from exc
 

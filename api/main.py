@@ -7,16 +7,21 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from api.batches import BatchService
 from api.catalog import ModelCatalog
 from api.chat import ChatService
 from api.errors import install_error_handlers
+from api.files import FileStore
 from api.job_queue import JobQueue
 from api.relay import StreamRelay
+from api.routes import batches as batch_routes
 from api.routes import chat, health, models
+from api.routes import files as file_routes
 from common.reaper import Reaper
 from common.settings import Settings, get_settings
 
@@ -44,9 +49,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_attempts=settings.max_attempts,
             interval_seconds=settings.reaper_interval_seconds,
         )
+        files = FileStore(redis, Path(settings.files_dir), settings.upload_max_bytes)
+        batches = BatchService(settings, redis, files, chat, queue)
+        app.state.files = files
+        app.state.batches = batches
         background = [
             asyncio.create_task(reaper.run(), name="reaper"),
             asyncio.create_task(catalog.keep_warm(), name="tokenizer-warm-up"),
+            asyncio.create_task(batches.supervise(), name="batch-supervisor"),
         ]
         try:
             yield
@@ -54,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await batches.stop()
             await relay.stop()
             queue.close()
             catalog.close()
@@ -64,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(file_routes.router)
+    app.include_router(batch_routes.router)
     return app
 
 

@@ -93,6 +93,9 @@ class JobRecord(BaseModel):
     usage: Usage | None = None
     result: JobResult | None = None
     error: dict[str, Any] | None = None
+    # Set on the jobs of a batch: which batch, and the line's custom_id.
+    batch: str | None = None
+    custom_id: str | None = None
 
     def to_redis(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -106,7 +109,7 @@ class JobRecord(BaseModel):
         for raw_key, raw in data.items():
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
             value = raw.decode() if isinstance(raw, bytes) else raw
-            if key in ("id", "model", "status", "worker"):
+            if key in ("id", "model", "status", "worker", "batch", "custom_id"):
                 fields[key] = value
             else:
                 fields[key] = json.loads(value)

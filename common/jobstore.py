@@ -48,7 +48,8 @@ redis.call('SADD', KEYS[2], KEYS[1])
 return attempt
 """
 
-# KEYS: job, log, worker's inflight set. ARGV: attempt, channel, ttl, seq, last event, field/value...
+# KEYS: job, log, worker's inflight set[, batch]. ARGV: attempt, channel, ttl, seq, last event,
+# batch counter to increment ('' for none), field/value...
 # Appends the job's last event and writes its terminal state in one step, if the attempt
 # still owns the job. Returns 1 (done, or already done by a retried call) or 0 (lost it).
 _FINISH = """
@@ -61,8 +62,9 @@ if status == 'completed' or status == 'failed' or status == 'cancelled' or len <
 redis.call('RPUSH', KEYS[2], ARGV[5])
 redis.call('PUBLISH', ARGV[2], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('SREM', KEYS[3], KEYS[1])
+if KEYS[4] and ARGV[6] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[6], 1) end
 return 1
 """
 
@@ -153,16 +155,27 @@ class JobStore:
         return int(await self.redis.llen(keys.job_log(job_id)))
 
     async def finish_in(
-        self, pipe: Any, job_id: str, worker_id: str, attempt: int, event: str, seq: int, fields: dict[str, Any]
+        self,
+        pipe: Any,
+        job_id: str,
+        worker_id: str,
+        attempt: int,
+        event: str,
+        seq: int,
+        fields: dict[str, Any],
+        batch: str | None = None,
     ) -> None:
-        """Queue the job's last event and its terminal record fields, as one step."""
-        values: list[Any] = [attempt, keys.job_channel(job_id), self.ttl, seq, event]
+        """Queue the job's last event and its terminal record fields, as one step; for a
+        batch's job, count it in the batch's `n_<status>`."""
+        counter = f"n_{fields['status']}" if batch else ""
+        values: list[Any] = [attempt, keys.job_channel(job_id), self.ttl, seq, event, counter]
         for name, value in fields.items():
             if value is not None:
                 values += [name, value if isinstance(value, str | int | float) else json.dumps(value)]
-        await self._finish(
-            keys=[keys.job(job_id), keys.job_log(job_id), keys.inflight(worker_id)], args=values, client=pipe
-        )
+        job_keys = [keys.job(job_id), keys.job_log(job_id), keys.inflight(worker_id)]
+        if batch:
+            job_keys.append(keys.batch(batch))
+        await self._finish(keys=job_keys, args=values, client=pipe)
 
     async def cancel(self, job_id: str) -> str:
         return (await self._cancel(keys=[keys.job(job_id)], args=[time.time()])).decode()

@@ -53,9 +53,48 @@ def tokenizer_bundle(digest: str) -> str:
     return f"{PREFIX}tokenizer:{digest}"
 
 
+def file(file_id: str) -> str:
+    """Hash: an uploaded or generated file's metadata (its bytes live on disk)."""
+    return f"{PREFIX}file:{file_id}"
+
+
+# Sorted sets: file ids and batch ids by creation time.
+FILES = PREFIX + "files"
+BATCHES = PREFIX + "batches"
+# Set: the batches that have not ended yet.
+ACTIVE_BATCHES = PREFIX + "batches:active"
+
+
+def batch(batch_id: str) -> str:
+    """Hash: a batch's record (status, timestamps, counts, file ids, ...)."""
+    return f"{PREFIX}batch:{batch_id}"
+
+
+def batch_lock(batch_id: str) -> str:
+    """String with a TTL: held by the API process driving the batch."""
+    return f"{PREFIX}batch-lock:{batch_id}"
+
+
+def batch_job_id(batch_id: str, line: int) -> str:
+    """The job id of a batch's input line (deterministic: re-dispatching is idempotent)."""
+    return f"chatcmpl-{batch_id.removeprefix('batch_')}-{line}"
+
+
 def chat_queue(model: str) -> str:
     """Celery queue consumed by the workers that serve `model`."""
     return f"chat.{model}"
 
 
 CHAT_TASK = "chat.completion"
+# Broker priorities (Redis: lower is served first): interactive chat before batch lines.
+CHAT_PRIORITY = 0
+BATCH_PRIORITY = 9
+
+
+def broker_transport_options(visibility_timeout: int) -> dict[str, object]:
+    """Celery's Redis transport options; producers and workers must agree on them."""
+    return {
+        "visibility_timeout": visibility_timeout,
+        "queue_order_strategy": "priority",
+        "priority_steps": [CHAT_PRIORITY, BATCH_PRIORITY],
+    }

@@ -26,7 +26,7 @@ from common.schemas import Usage
 
 log = logging.getLogger(__name__)
 
-Requeue = Callable[[str, str], Awaitable[None]]
+Requeue = Callable[[str, str, int], Awaitable[None]]
 
 
 class WorkerLostError(ServiceError):
@@ -91,7 +91,8 @@ class Reaper:
         if record is None:
             return action
         if action == "requeued":
-            await self.requeue(job_id, record.model)
+            priority = keys.BATCH_PRIORITY if record.batch else keys.CHAT_PRIORITY
+            await self.requeue(job_id, record.model, priority)
             return action
         # failed / cancelled: end the job's stream for whoever follows it.
         previous = await self.store.log(job_id)
@@ -109,4 +110,6 @@ class Reaper:
                 usage=Usage(prompt_tokens=prompt, completion_tokens=sent, total_tokens=prompt + sent),
             )
         await self.store.append(job_id, record.attempt, [event])
+        if record.batch:
+            await self.store.redis.hincrby(keys.batch(record.batch), f"n_{action}", 1)
         return action

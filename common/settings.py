@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,8 @@ class Settings(BaseSettings):
     # reachable), published to clients under `model_name`.
     model_path: str = "models/SmolLM2-135M-Instruct"
     model_name: str = "SmolLM2-135M-Instruct"
+    # `vllm`, or `fake`: a stand-in that answers instantly (benchmarks of the orchestration only).
+    engine: Literal["vllm", "fake"] = "vllm"
     # Upper bound on prompt + completion tokens; default: the model's own context.
     max_model_len: int | None = None
     # `auto`: the checkpoint's dtype on a GPU, float32 on a CPU (see worker.vllm_engine).
@@ -48,6 +51,15 @@ class Settings(BaseSettings):
     # A client that accepts nothing for this long is disconnected.
     sse_send_timeout_seconds: float = Field(default=30.0, gt=0)
     max_n: int = Field(default=16, ge=1)
+
+    # Batch API: where files live (shared by API processes), and the input limits.
+    files_dir: str = "var/files"
+    batch_max_lines: int = Field(default=50_000, ge=1)
+    batch_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    upload_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    # Batch lines in flight may take at most this share of the live workers' slots; the
+    # rest stays free for interactive chat.
+    batch_slot_share: float = Field(default=0.75, gt=0, le=1)
 
     @property
     def model_dir(self) -> Path | None:

@@ -25,6 +25,7 @@ settings = get_settings()
 
 app = Celery("llmq-worker", broker=settings.redis_url)
 app.conf.update(
+    broker_transport="worker.broker:Transport",
     worker_pool="threads",
     worker_concurrency=settings.worker_slots,
     worker_prefetch_multiplier=1,
@@ -37,7 +38,7 @@ app.conf.update(
     worker_send_task_events=True,
     task_send_sent_event=True,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+    broker_transport_options=keys.broker_transport_options(settings.broker_visibility_timeout),
     worker_hijack_root_logger=False,
 )
 
@@ -63,9 +64,9 @@ def _start_runtime(sender: object = None, **_: object) -> None:
     log.info("worker %s serving %s", hostname, settings.model_name)
 
 
-def _requeue(job_id: str, model: str) -> None:
+def _requeue(job_id: str, model: str, priority: int) -> None:
     """Put a job whose worker was lost back on its model's queue."""
-    app.send_task(keys.CHAT_TASK, args=[job_id], task_id=job_id, queue=keys.chat_queue(model))
+    app.send_task(keys.CHAT_TASK, args=[job_id], task_id=job_id, queue=keys.chat_queue(model), priority=priority)
 
 
 @signals.worker_shutdown.connect

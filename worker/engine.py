@@ -40,6 +40,10 @@ class Engine(Protocol):
 
 
 def build_engine(settings: Settings) -> Engine:
+    if settings.engine == "fake":
+        from worker.fake_engine import FakeEngine
+
+        return FakeEngine(settings)
     from worker.vllm_engine import VllmEngine
 
     return VllmEngine(settings)

@@ -34,6 +34,7 @@ class _Pending:
     error: dict[str, Any] | None = None
     # The last event of an attempt carries the job's terminal record fields.
     fields: dict[str, Any] | None = None
+    batch: str | None = None
     flushed: asyncio.Future[bool] | None = None
 
 
@@ -77,12 +78,15 @@ class ChunkPublisher:
         usage: Usage | None = None,
         error: dict[str, Any] | None = None,
         fields: dict[str, Any],
+        batch: str | None = None,
     ) -> bool:
         """Queue a job's last event, written together with its terminal record `fields`,
         and wait until it (and all before it) reached Redis. False if the job belonged to
         another attempt by then."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(job_id, attempt, kind, usage=usage, error=error, fields=fields, flushed=done))
+        self._queue.put_nowait(
+            _Pending(job_id, attempt, kind, usage=usage, error=error, fields=fields, batch=batch, flushed=done)
+        )
         return await done
 
     def _coalesce(self, batch: list[_Pending]) -> list[_Pending]:
@@ -159,7 +163,7 @@ class ChunkPublisher:
                         if last.fields is not None:
                             seq = first + len(deltas)
                             await self.store.finish_in(
-                                pipe, job_id, self.worker_id, attempt, group[-1][1], seq, last.fields
+                                pipe, job_id, self.worker_id, attempt, group[-1][1], seq, last.fields, last.batch
                             )
                             kinds.append("finish")
                         calls.append(kinds)

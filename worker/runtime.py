@@ -46,7 +46,7 @@ T = TypeVar("T")
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, engine: Engine, worker_id: str, requeue: Callable[[str, str], None]):
+    def __init__(self, settings: Settings, engine: Engine, worker_id: str, requeue: Callable[[str, str, int], None]):
         self.settings = settings
         self._send_requeue = requeue
         self.engine = engine
@@ -236,7 +236,9 @@ class WorkerRuntime:
             if not isinstance(exc, EngineRequestError):
                 log.exception("job %s failed", job_id)
             fields = {"status": JobStatus.failed.value, "finished": time.time(), "error": error.to_dict()["error"]}
-            await self.publisher.finish(job_id, attempt, "error", error=error.to_dict(), fields=fields)
+            await self.publisher.finish(
+                job_id, attempt, "error", error=error.to_dict(), fields=fields, batch=record.batch
+            )
             return {"status": "failed", "error": error.message}
         finally:
             self._inflight.pop(job_id, None)
@@ -262,7 +264,7 @@ class WorkerRuntime:
             "usage": usage.model_dump(),
             "result": result.model_dump(),
         }
-        owned = await self.publisher.finish(job_id, attempt, "done", usage=usage, fields=fields)
+        owned = await self.publisher.finish(job_id, attempt, "done", usage=usage, fields=fields, batch=record.batch)
         return {
             "status": status.value if owned else "lost",
             "attempt": attempt,
@@ -270,8 +272,8 @@ class WorkerRuntime:
             "usage": usage.model_dump(),
         }
 
-    async def _requeue(self, job_id: str, model: str) -> None:
-        await asyncio.to_thread(self._send_requeue, job_id, model)
+    async def _requeue(self, job_id: str, model: str, priority: int) -> None:
+        await asyncio.to_thread(self._send_requeue, job_id, model, priority)
 
     def _on_lost(self, job_id: str) -> None:
         """Another attempt owns the job now (or its record is gone): stop generating."""

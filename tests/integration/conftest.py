@@ -28,7 +28,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         api_port=free_port(),
         flower_port=free_port(),
         log_dir=logs,
-        env={"FLOWER_UNAUTHENTICATED_API": "true", "WORKER_SLOTS": "64"},
+        env={
+            "FLOWER_UNAUTHENTICATED_API": "true",
+            "WORKER_SLOTS": "64",
+            "BATCH_MAX_LINES": "300",
+            "FILES_DIR": str(tmp_path_factory.mktemp("files")),
+        },
     )
     try:
         s.start_redis()

@@ -40,6 +40,7 @@ def rstack(tmp_path_factory):
             "SSE_PING_SECONDS": "3",
             "STREAM_BUFFER_EVENTS": "16",
             "SSE_SEND_TIMEOUT_SECONDS": "5",
+            "FILES_DIR": str(logs / "files"),
         },
     )
     try:
@@ -160,6 +161,45 @@ async def test_background_job_and_its_stream_survive_an_api_restart(rstack):
     assert first.text + rest.text == final.choices[0].message.content
 
 
+async def test_batch_survives_api_and_worker_restarts(rstack):
+    import io
+
+    wait_workers(rstack, 1)
+    c = client(rstack)
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": STORY, "max_tokens": 48, "temperature": 0, "ignore_eos": True},
+        }
+        for i in range(40)
+    ]
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    f = c.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    def completed() -> int:
+        return client(rstack).batches.retrieve(batch.id).request_counts.completed
+
+    await wait_for(lambda: completed() >= 3, 120, step=0.5)
+    rstack.restart("api")
+    rstack.wait_ready(MODEL, timeout=120)
+    done_before = completed()
+    await wait_for(lambda: completed() > done_before, 120, step=0.5)
+    # Now the worker: killed mid-batch, another one started.
+    for w in live_workers(rstack):
+        rstack.kill(w.split("@")[0])
+    rstack.start_worker("we")
+    await wait_for(lambda: client(rstack).batches.retrieve(batch.id).status == "completed", 400, step=1)
+    final = client(rstack).batches.retrieve(batch.id)
+    assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (40, 40, 0)
+    out = [json.loads(x) for x in client(rstack).files.content(final.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(40))
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 48 for o in out)
+    assert final.error_file_id is None
+
+
 async def test_slow_reader_is_cut_off_without_hurting_others(rstack):
     """A reader that stops taking events fills only its own bounded buffer and is cut off;
     the shared subscriber and other readers of the same job carry on. (Through a real
@@ -210,6 +250,7 @@ async def test_keepalive_comments_and_unknown_jobs(rstack):
 
 async def test_redis_restart(rstack):
     wait_workers(rstack, 1)
+    workers = [p for p in rstack.procs if p.name.startswith("w") and p.popen.poll() is None]
     async with httpx.AsyncClient(base_url=rstack.api_url, timeout=300) as h:
         body = {"model": MODEL, "messages": STORY, "max_tokens": 3000, "stream": True, "ignore_eos": True}
         cut = asyncio.create_task(read_sse(h, "POST", "/v1/chat/completions", json_body=body))
@@ -232,3 +273,6 @@ async def test_redis_restart(rstack):
     elapsed = time.monotonic() - back
     assert r.usage.completion_tokens == 4
     assert elapsed < 10, f"first job succeeded {elapsed:.1f} s after Redis came back"
+    # Every worker lived through it (a job was running on one of them at the time).
+    assert all(p.popen.poll() is None for p in workers)
+    await wait_for(lambda: len(live_workers(rstack)) == len(workers), 20)

@@ -1,0 +1,121 @@
+"""OpenAI Files and Batch API objects, and the batch record kept in Redis."""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+
+    def to_redis(self) -> dict[str, str]:
+        return {k: json.dumps(v) for k, v in self.model_dump().items()}
+
+    @classmethod
+    def from_redis(cls, data: dict[Any, Any]) -> FileObject:
+        return cls.model_validate({_text(k): json.loads(v) for k, v in data.items()})
+
+
+class BatchStatus(enum.StrEnum):
+    validating = "validating"
+    failed = "failed"
+    in_progress = "in_progress"
+    finalizing = "finalizing"
+    completed = "completed"
+    expired = "expired"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (BatchStatus.failed, BatchStatus.completed, BatchStatus.expired, BatchStatus.cancelled)
+
+
+class RequestCounts(BaseModel):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class BatchError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchError]
+
+
+class BatchObject(BaseModel):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    errors: BatchErrors | None = None
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts = Field(default_factory=RequestCounts)
+    metadata: dict[str, str] | None = None
+
+
+# Batch record fields that are plain strings in the Redis hash; the rest are JSON.
+_PLAIN = {"id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id"}
+# Live counters, kept as integers beside the record and folded into request_counts.
+COUNTERS = ("total", "completed", "failed", "cancelled", "dispatched")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def batch_to_redis(batch: BatchObject) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in batch.model_dump(mode="json", exclude={"request_counts"}).items():
+        if value is None:
+            continue
+        out[key] = value if key in _PLAIN else json.dumps(value)
+    return out
+
+
+def batch_from_redis(data: dict[Any, Any]) -> tuple[BatchObject, dict[str, int]]:
+    """The batch object, and its counters (including `dispatched`: lines handed out)."""
+    fields: dict[str, Any] = {}
+    counters = dict.fromkeys(COUNTERS, 0)
+    for raw_key, raw in data.items():
+        key, value = _text(raw_key), _text(raw)
+        if key.startswith("n_"):
+            counters[key[2:]] = int(value)
+        elif key in _PLAIN:
+            fields[key] = value
+        elif key in BatchObject.model_fields:
+            fields[key] = json.loads(value)
+    fields["request_counts"] = RequestCounts(
+        total=counters["total"], completed=counters["completed"], failed=counters["failed"]
+    )
+    return BatchObject.model_validate(fields), counters
