@@ -7,7 +7,7 @@ export API_PORT    ?= 8000
 export FLOWER_PORT ?= 5555
 export REDIS_PORT  ?= 6379
 
-.PHONY: setup model redis run test test-unit bench lint typecheck clean
+.PHONY: setup model redis run test test-unit bench bench-batch lint typecheck clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ test-unit: setup
 
 bench: setup model redis
 	$(PY) bench/bench_stream.py
+
+bench-batch: setup model redis
+	$(PY) bench/bench_batch.py
 
 lint: setup
 	$(VENV)/bin/ruff check api worker common tests bench scripts

@@ -274,6 +274,9 @@ class BatchService:
                 if room > 0:
                     pending = await self._dispatch(batch_id, lines, room)
                     continue
+                # Lines are waiting for room: look again soon (slots free up continuously).
+                await asyncio.sleep(0.05)
+                continue
             await asyncio.sleep(0.5)
 
     async def _room(self, batch: BatchObject, counters: dict[str, int]) -> int:

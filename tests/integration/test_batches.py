@@ -213,3 +213,21 @@ def test_cli_submits_watches_and_downloads(stack, model, tmp_path):
     )
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == "completed"
     assert httpx.get(stack.api_url + "/health").json()["status"] == "ok"
+
+
+def test_batch_past_its_window_expires_with_what_finished(client, model, redis):
+    lines = [line(f"s-{i}", model, max_tokens=2) for i in range(3)]
+    lines += [line(f"l-{i}", model, max_tokens=3000, ignore_eos=True) for i in range(30)]
+    batch = run_batch(client, lines)
+    deadline = time.monotonic() + 120
+    while client.batches.retrieve(batch.id).request_counts.completed < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    # Fast-forward: the 24 h window ends now.
+    redis.hset(f"llmq:batch:{batch.id}", "expires_at", json.dumps(int(time.time()) - 1))
+    batch = wait_batch(client, batch.id, statuses=("expired",), timeout=60)
+    assert batch.expired_at and batch.request_counts.completed >= 3
+    out = read_jsonl(client, batch.output_file_id)
+    errors = read_jsonl(client, batch.error_file_id)
+    assert len(out) + len(errors) == 33
+    assert any(e["error"] and e["error"]["code"] == "batch_expired" for e in errors)
