@@ -43,7 +43,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check api worker common tests bench scripts
 
 typecheck: setup
-	$(VENV)/bin/mypy api worker common
+	$(VENV)/bin/mypy api worker common bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -82,7 +82,8 @@ def run_stack_batch(lines: int, tokens: int, engine: str, slots: int, logs: Path
             batch = client.batches.retrieve(batch.id)
         wall = time.monotonic() - t0
         assert batch.status == "completed", batch
-        assert batch.request_counts.completed == lines, batch.request_counts
+        counts = batch.request_counts
+        assert counts is not None and counts.completed == lines, counts
         running = (batch.finalizing_at or 0) - (batch.in_progress_at or 0)
         return {
             "lines": lines,

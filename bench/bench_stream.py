@@ -92,7 +92,7 @@ async def run_direct(levels: list[int], tokens: int, rounds: int) -> list[LevelR
         n = 0
         async for deltas in engine.generate(f"bench-{counter}", ids, spec):
             for d in deltas:
-                n += d.tokens
+                n += len(d.token_ids)
                 if ttft is None and d.text:
                     ttft = time.perf_counter() - t0
         return (ttft if ttft is not None else time.perf_counter() - t0), n
