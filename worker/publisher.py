@@ -66,6 +66,10 @@ class ChunkPublisher:
         """A job's attempt starts; its events continue the log at `next_seq`."""
         self._next_seq[job_id] = next_seq
 
+    def forget(self, job_id: str) -> None:
+        """A job that ends without a last event of ours (another attempt owns it)."""
+        self._next_seq.pop(job_id, None)
+
     def delta(self, job_id: str, attempt: int, choices: list[ChoiceDelta]) -> None:
         self._queue.put_nowait(_Pending(job_id, attempt, "delta", choices=choices))
 

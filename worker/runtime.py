@@ -245,6 +245,7 @@ class WorkerRuntime:
         if job_id in self._lost:
             self._lost.discard(job_id)
             self._cancelled.discard(job_id)
+            self.publisher.forget(job_id)
             return {"status": "lost", "attempt": attempt}
         cancelled = job_id in self._cancelled
         self._cancelled.discard(job_id)
