@@ -29,7 +29,7 @@ class JobQueue:
             keys.CHAT_TASK,
             args=[job_id],
             task_id=job_id,
-            queue=keys.chat_queue(model),
+            queue=keys.chat_queue_entity(model),
             priority=priority,
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},

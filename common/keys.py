@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kombu import Exchange, Queue
+
 PREFIX = "llmq:"
 
 
@@ -83,6 +85,14 @@ def batch_job_id(batch_id: str, line: int) -> str:
 def chat_queue(model: str) -> str:
     """Celery queue consumed by the workers that serve `model`."""
     return f"chat.{model}"
+
+
+def chat_queue_entity(model: str) -> Queue:
+    """The model's queue as Celery sends to it and workers consume it: on the nameless
+    exchange, so a message goes straight to the queue's list and needs no binding in
+    the broker (bindings are lost when a Redis without persistence restarts)."""
+    name = chat_queue(model)
+    return Queue(name, Exchange(""), routing_key=name)
 
 
 CHAT_TASK = "chat.completion"

@@ -137,6 +137,10 @@ class Stack:
             f"{name}@%h",
             "--loglevel",
             "INFO",
+            # Mingle and gossip make every (re)connection to the broker wait for other
+            # workers' replies; nothing here needs them (Flower works from task events).
+            "--without-mingle",
+            "--without-gossip",
         ]
         if env_args:
             args = ["env", *env_args, *args]

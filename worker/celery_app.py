@@ -14,13 +14,13 @@ import logging
 import os
 
 from celery import Celery, signals
-from kombu import Queue
 
 from common import keys
 from common.settings import get_settings
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 settings = get_settings()
 
 app = Celery("llmq-worker", broker=settings.redis_url)
@@ -32,7 +32,7 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     task_ignore_result=True,
-    task_queues=[Queue(keys.chat_queue(settings.model_name))],
+    task_queues=[keys.chat_queue_entity(settings.model_name)],
     task_default_queue=keys.chat_queue(settings.model_name),
     # Task events feed Flower.
     worker_send_task_events=True,
@@ -57,7 +57,7 @@ def _start_runtime(sender: object = None, **_: object) -> None:
     global _runtime
     from worker.engine import build_engine
 
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format=LOG_FORMAT)
     hostname = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
     _runtime = WorkerRuntime(settings, build_engine(settings), worker_id=hostname, requeue=_requeue)
     _runtime.start()
@@ -66,7 +66,7 @@ def _start_runtime(sender: object = None, **_: object) -> None:
 
 def _requeue(job_id: str, model: str, priority: int) -> None:
     """Put a job whose worker was lost back on its model's queue."""
-    app.send_task(keys.CHAT_TASK, args=[job_id], task_id=job_id, queue=keys.chat_queue(model), priority=priority)
+    app.send_task(keys.CHAT_TASK, args=[job_id], task_id=job_id, queue=keys.chat_queue_entity(model), priority=priority)
 
 
 @signals.worker_shutdown.connect

@@ -166,8 +166,12 @@ class WorkerRuntime:
         while True:
             try:
                 await self._register()
-            except RedisError as exc:
+            except (RedisError, OSError) as exc:
+                # Redis is away: register again as soon as it is back, so the API sees
+                # this worker (and its model) at once after a Redis restart.
                 log.warning("heartbeat failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
             await asyncio.sleep(self.settings.heartbeat_seconds)
 
     async def _listen_cancellations(self) -> None:

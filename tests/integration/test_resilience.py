@@ -271,6 +271,7 @@ async def test_redis_restart(rstack):
                 raise
             time.sleep(0.5)
     elapsed = time.monotonic() - back
+    print(f"\nfirst job after the Redis restart succeeded {elapsed:.1f} s after Redis was back")
     assert r.usage.completion_tokens == 4
     assert elapsed < 10, f"first job succeeded {elapsed:.1f} s after Redis came back"
     # Every worker lived through it (a job was running on one of them at the time).
