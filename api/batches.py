@@ -25,13 +25,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, ValidationError
 
-from api.chat import ChatService, job_object
+from api.chat import ChatService, completion_object
 from api.files import FileStore
-from api.job_queue import JobQueue
 from common import keys
 from common.batches import BatchError, BatchErrors, BatchObject, BatchStatus, batch_from_redis, batch_to_redis
 from common.errors import InvalidRequestError, NotFoundError, ServiceError
-from common.jobs import JobRecord, JobStatus, WorkerInfo
+from common.job_queue import JobQueue
+from common.jobs import JobRecord, JobStatus
 from common.jobstore import JobStore
 from common.schemas import ChatCompletionRequest
 from common.settings import Settings
@@ -270,7 +270,7 @@ class BatchService:
                 await self._finalize(batch_id, BatchStatus.completed)
                 return
             elif pending:
-                room = await self._room(batch, counters)
+                room = await self._room()
                 if room > 0:
                     pending = await self._dispatch(batch_id, lines, room)
                     continue
@@ -279,18 +279,20 @@ class BatchService:
                 continue
             await asyncio.sleep(0.5)
 
-    async def _room(self, batch: BatchObject, counters: dict[str, int]) -> int:
+    async def _room(self) -> int:
         """How many more lines the live workers can take: their batch share of slots,
         minus the batch work of every running batch already in flight."""
-        ids = await self.redis.zrangebyscore(keys.WORKERS, time.time() - self.settings.worker_ttl_seconds, "+inf")
-        infos = await self.redis.mget([keys.worker(keys.text(i)) for i in ids]) if ids else []
-        capacity = sum(
-            max(1, int(w.slots * self.settings.batch_slot_share))
-            for w in (WorkerInfo.model_validate_json(raw) for raw in infos if raw)
-        )
+        workers = await self.chat.catalog.live_workers()
+        capacity = sum(max(1, int(w.slots * self.settings.batch_slot_share)) for w in workers)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for raw in await self.redis.smembers(keys.ACTIVE_BATCHES):
+                pipe.hgetall(keys.batch(keys.text(raw)))
+            batches = await pipe.execute()
         in_flight = 0
-        for raw in await self.redis.smembers(keys.ACTIVE_BATCHES):
-            other, c = batch_from_redis(await self.redis.hgetall(keys.batch(keys.text(raw))))
+        for data in batches:
+            if not data:
+                continue
+            other, c = batch_from_redis(data)
             if other.status in (BatchStatus.in_progress, BatchStatus.cancelling):
                 in_flight += c["dispatched"] - c["completed"] - c["failed"] - c["cancelled"]
         return capacity - in_flight
@@ -399,9 +401,7 @@ class BatchService:
             }
             record = JobRecord.from_redis(raw) if raw else None
             if record is not None and record.status == JobStatus.completed:
-                body = job_object(record)
-                for extra in ("status", "background", "attempt", "started_at", "finished_at", "error"):
-                    body.pop(extra)
+                body = completion_object(record)
                 entry |= {"response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
                 out_f.write(json.dumps(entry) + "\n")
                 completed += 1

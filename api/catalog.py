@@ -52,15 +52,19 @@ class ModelCatalog:
         self._loading: dict[str, asyncio.Task[ChatTokenizer]] = {}
         self._dir = tempfile.TemporaryDirectory(prefix="llmq-tokenizers-")
 
+    async def live_workers(self) -> list[WorkerInfo]:
+        """The workers whose heartbeat is fresh."""
+        ids = await self.redis.zrangebyscore(keys.WORKERS, time.time() - self.worker_ttl, "+inf")
+        if not ids:
+            return []
+        infos = await self.redis.mget([keys.worker(keys.text(i)) for i in ids])
+        return [WorkerInfo.model_validate_json(raw) for raw in infos if raw]
+
     async def live_models(self, fresh: bool = False) -> dict[str, ModelCard]:
         now = time.time()
         if not fresh and self._live and now - self._live[0] < self.cache_seconds:
             return self._live[1]
-        ids = await self.redis.zrangebyscore(keys.WORKERS, now - self.worker_ttl, "+inf")
-        names: set[str] = set()
-        if ids:
-            infos = await self.redis.mget([keys.worker(keys.text(i)) for i in ids])
-            names = {WorkerInfo.model_validate_json(raw).model for raw in infos if raw}
+        names = {w.model for w in await self.live_workers()}
         models: dict[str, ModelCard] = {}
         if names:
             ordered = sorted(names)

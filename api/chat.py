@@ -24,7 +24,6 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api.catalog import ModelCatalog
-from api.job_queue import JobQueue
 from api.relay import StreamClosed, StreamRelay, Subscription
 from common import keys
 from common.errors import (
@@ -34,8 +33,8 @@ from common.errors import (
     ServiceError,
     ServiceUnavailableError,
 )
+from common.job_queue import JobQueue
 from common.jobs import (
-    ChoiceDelta,
     ChunkEvent,
     JobOptions,
     JobRecord,
@@ -166,6 +165,17 @@ def job_object(record: JobRecord) -> dict[str, Any]:
     }
 
 
+JOB_ONLY_FIELDS = ("status", "background", "attempt", "started_at", "finished_at", "error")
+
+
+def completion_object(record: JobRecord) -> dict[str, Any]:
+    """An ended job as a plain `chat.completion` (without the job's own fields)."""
+    body = job_object(record)
+    for name in JOB_ONLY_FIELDS:
+        body.pop(name)
+    return body
+
+
 class ChatService:
     def __init__(
         self, settings: Settings, redis: aioredis.Redis, relay: StreamRelay, catalog: ModelCatalog, queue: JobQueue
@@ -250,7 +260,9 @@ class ChatService:
                 # Then follow the channel until it has nothing (gap, interruption, silence).
                 while True:
                     try:
-                        event = await asyncio.wait_for(sub.get(), IDLE_CHECK_SECONDS)
+                        # asyncio.timeout, not wait_for: no extra task per event on the token path.
+                        async with asyncio.timeout(IDLE_CHECK_SECONDS):
+                            event = await sub.get()
                     except TimeoutError:
                         if not await self.redis.exists(keys.job(job_id)):
                             raise StreamClosed(
@@ -369,10 +381,7 @@ class ChatService:
                 with anyio.CancelScope(shield=True):
                     await self.cancel(job.id, quiet=True)
         _, record = await self.view(job.id)
-        body = job_object(record)
-        for extra in ("status", "background", "attempt", "started_at", "finished_at", "error"):
-            body.pop(extra)
-        return body
+        return completion_object(record)
 
     async def get(self, job_id: str) -> dict[str, Any]:
         _, record = await self.view(job_id)
@@ -386,7 +395,9 @@ class ChatService:
         try:
             before = await self.store.cancel(job_id)
             if before == "queued":
-                await self._end_cancelled_queued(job_id)
+                record = await self.store.get(job_id)
+                if record is not None:
+                    await self.store.end_stream(record)
             elif before == "in_progress":
                 await self.redis.publish(keys.CANCEL_CHANNEL, job_id)
         except RedisError:
@@ -410,24 +421,6 @@ class ChatService:
             await asyncio.sleep(0.05)
         assert record is not None
         return job_object(record)
-
-    async def _end_cancelled_queued(self, job_id: str) -> None:
-        """A job cancelled before any worker started it: end its stream for its readers."""
-        record = await self.store.get(job_id)
-        if record is None:
-            return
-        n = record.request.sampling.n if record.request else 1
-        seq = await self.store.log_length(job_id)
-        prompt = len(record.request.prompt_token_ids) if record.request else 0
-        sent = sum(len(c.token_ids) for e in await self.store.log(job_id) for c in e.choices)
-        event = ChunkEvent(
-            seq=seq,
-            kind="done",
-            attempt=record.attempt,
-            choices=[ChoiceDelta(index=i, finish_reason="cancelled") for i in range(n)],
-            usage=Usage(prompt_tokens=prompt, completion_tokens=sent, total_tokens=prompt + sent),
-        )
-        await self.store.append(job_id, record.attempt, [event])
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         with anyio.CancelScope(shield=True):

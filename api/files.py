@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -112,7 +111,3 @@ class FileStore:
 
     def open(self, file_id: str) -> IO[bytes]:
         return open(self.path(file_id), "rb")
-
-    @staticmethod
-    def copy(src: Path, dst: Path) -> None:
-        shutil.copyfile(src, dst)

@@ -17,11 +17,11 @@ from api.catalog import ModelCatalog
 from api.chat import ChatService
 from api.errors import install_error_handlers
 from api.files import FileStore
-from api.job_queue import JobQueue
 from api.relay import StreamRelay
 from api.routes import batches as batch_routes
 from api.routes import chat, health, models
 from api.routes import files as file_routes
+from common.job_queue import JobQueue
 from common.reaper import Reaper
 from common.settings import Settings, get_settings
 

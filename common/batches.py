@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from common.keys import text
+
 
 class FileObject(BaseModel):
     id: str
@@ -25,7 +27,7 @@ class FileObject(BaseModel):
 
     @classmethod
     def from_redis(cls, data: dict[Any, Any]) -> FileObject:
-        return cls.model_validate({_text(k): json.loads(v) for k, v in data.items()})
+        return cls.model_validate({text(k): json.loads(v) for k, v in data.items()})
 
 
 class BatchStatus(enum.StrEnum):
@@ -90,10 +92,6 @@ _PLAIN = {"id", "endpoint", "input_file_id", "completion_window", "status", "out
 COUNTERS = ("total", "completed", "failed", "cancelled", "dispatched")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def batch_to_redis(batch: BatchObject) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in batch.model_dump(mode="json", exclude={"request_counts"}).items():
@@ -108,7 +106,7 @@ def batch_from_redis(data: dict[Any, Any]) -> tuple[BatchObject, dict[str, int]]
     fields: dict[str, Any] = {}
     counters = dict.fromkeys(COUNTERS, 0)
     for raw_key, raw in data.items():
-        key, value = _text(raw_key), _text(raw)
+        key, value = text(raw_key), text(raw)
         if key.startswith("n_"):
             counters[key[2:]] = int(value)
         elif key in _PLAIN:

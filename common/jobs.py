@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from common.keys import text
 from common.schemas import Usage
 
 
@@ -107,8 +108,7 @@ class JobRecord(BaseModel):
     def from_redis(cls, data: dict[Any, Any]) -> JobRecord:
         fields: dict[str, Any] = {}
         for raw_key, raw in data.items():
-            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-            value = raw.decode() if isinstance(raw, bytes) else raw
+            key, value = text(raw_key), text(raw)
             if key in ("id", "model", "status", "worker", "batch", "custom_id"):
                 fields[key] = value
             else:

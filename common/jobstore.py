@@ -17,7 +17,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common import keys
-from common.jobs import ChunkEvent, JobRecord, JobStatus
+from common.jobs import ChoiceDelta, ChunkEvent, JobRecord, JobStatus
+from common.schemas import Usage
 
 # KEYS: job, log. ARGV: attempt, channel, ttl, seq of the first payload, payload...
 # Returns the log length, or -1 when the attempt no longer owns the job (or the log is
@@ -151,8 +152,25 @@ class JobStore:
     async def log(self, job_id: str, start: int = 0, end: int = -1) -> list[ChunkEvent]:
         return [ChunkEvent.decode(raw) for raw in await self.redis.lrange(keys.job_log(job_id), start, end)]
 
-    async def log_length(self, job_id: str) -> int:
-        return int(await self.redis.llen(keys.job_log(job_id)))
+    async def end_stream(self, record: JobRecord, error: dict[str, Any] | None = None) -> None:
+        """Write the last event of a job no worker will finish (cancelled while queued, or
+        given up by the reaper) after whatever earlier attempts sent: an error, or else a
+        `done` with every choice cancelled and the tokens sent so far as usage."""
+        previous = await self.log(record.id)
+        if error is not None:
+            event = ChunkEvent(seq=len(previous), kind="error", attempt=record.attempt, error=error)
+        else:
+            n = record.request.sampling.n if record.request else 1
+            prompt = len(record.request.prompt_token_ids) if record.request else 0
+            sent = sum(len(c.token_ids) for e in previous for c in e.choices)
+            event = ChunkEvent(
+                seq=len(previous),
+                kind="done",
+                attempt=record.attempt,
+                choices=[ChoiceDelta(index=i, finish_reason="cancelled") for i in range(n)],
+                usage=Usage(prompt_tokens=prompt, completion_tokens=sent, total_tokens=prompt + sent),
+            )
+        await self.append(record.id, record.attempt, [event])
 
     async def finish_in(
         self,

@@ -20,9 +20,7 @@ from redis.exceptions import RedisError
 
 from common import keys
 from common.errors import ServiceError
-from common.jobs import ChoiceDelta, ChunkEvent
 from common.jobstore import JobStore
-from common.schemas import Usage
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +93,7 @@ class Reaper:
             await self.requeue(job_id, record.model, priority)
             return action
         # failed / cancelled: end the job's stream for whoever follows it.
-        previous = await self.store.log(job_id)
-        if action == "failed":
-            event = ChunkEvent(seq=len(previous), kind="error", attempt=record.attempt, error=error)
-        else:
-            n = record.request.sampling.n if record.request else 1
-            sent = sum(len(c.token_ids) for e in previous for c in e.choices)
-            prompt = len(record.request.prompt_token_ids) if record.request else 0
-            event = ChunkEvent(
-                seq=len(previous),
-                kind="done",
-                attempt=record.attempt,
-                choices=[ChoiceDelta(index=i, finish_reason="cancelled") for i in range(n)],
-                usage=Usage(prompt_tokens=prompt, completion_tokens=sent, total_tokens=prompt + sent),
-            )
-        await self.store.append(job_id, record.attempt, [event])
+        await self.store.end_stream(record, error=error if action == "failed" else None)
         if record.batch:
             await self.store.redis.hincrby(keys.batch(record.batch), f"n_{action}", 1)
         return action

@@ -16,6 +16,7 @@ import os
 from celery import Celery, signals
 
 from common import keys
+from common.job_queue import JobQueue
 from common.settings import get_settings
 from worker.runtime import WorkerRuntime
 
@@ -59,14 +60,10 @@ def _start_runtime(sender: object = None, **_: object) -> None:
 
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format=LOG_FORMAT)
     hostname = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
-    _runtime = WorkerRuntime(settings, build_engine(settings), worker_id=hostname, requeue=_requeue)
+    requeue = JobQueue(settings.redis_url, settings.broker_visibility_timeout)
+    _runtime = WorkerRuntime(settings, build_engine(settings), worker_id=hostname, requeue=requeue.submit)
     _runtime.start()
     log.info("worker %s serving %s", hostname, settings.model_name)
-
-
-def _requeue(job_id: str, model: str, priority: int) -> None:
-    """Put a job whose worker was lost back on its model's queue."""
-    app.send_task(keys.CHAT_TASK, args=[job_id], task_id=job_id, queue=keys.chat_queue_entity(model), priority=priority)
 
 
 @signals.worker_shutdown.connect

@@ -35,7 +35,7 @@ from common.jobs import (
     WorkerInfo,
 )
 from common.jobstore import JobStore
-from common.reaper import Reaper
+from common.reaper import Reaper, Requeue
 from common.schemas import Usage
 from common.settings import Settings
 from worker.engine import Engine, EngineRequestError
@@ -46,9 +46,9 @@ T = TypeVar("T")
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, engine: Engine, worker_id: str, requeue: Callable[[str, str, int], None]):
+    def __init__(self, settings: Settings, engine: Engine, worker_id: str, requeue: Requeue):
         self.settings = settings
-        self._send_requeue = requeue
+        self._requeue = requeue
         self.engine = engine
         self.worker_id = worker_id
         self.loop = asyncio.new_event_loop()
@@ -276,9 +276,6 @@ class WorkerRuntime:
             "finish_reasons": [finish.get(i) for i in sorted(finish)],
             "usage": usage.model_dump(),
         }
-
-    async def _requeue(self, job_id: str, model: str, priority: int) -> None:
-        await asyncio.to_thread(self._send_requeue, job_id, model, priority)
 
     def _on_lost(self, job_id: str) -> None:
         """Another attempt owns the job now (or its record is gone): stop generating."""

@@ -1,7 +1,8 @@
-"""JobQueue: hands job ids to the model workers through Celery (the API's producer side).
+"""JobQueue: hands job ids to the model workers through Celery. The API queues new jobs
+with it, and the reaper (in API processes and workers) re-queues those of lost workers.
 
-The API does not import the worker's code: it sends the task by name to the model's
-queue, with the job id as both the task id and its only argument.
+It sends the task by name, so nothing here imports the worker's code; the job id is both
+the task id and its only argument.
 """
 
 from __future__ import annotations
