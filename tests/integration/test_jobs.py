@@ -4,6 +4,7 @@ by several readers at once), and cancellation."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -99,7 +100,9 @@ async def test_cancel_a_running_job(client, model, ahttp, redis):
     record = client.chat.completions.retrieve(job.id)
     assert record.choices[0].finish_reason == "cancelled" and record.choices[0].message.content
     assert record.usage.completion_tokens < 3000
-    assert redis.scard(f"llmq:inflight:{record.model_extra.get('worker') or ''}") == 0
+    # Its worker no longer counts it as running.
+    worker = redis.hget(f"llmq:job:{job.id}", "worker").decode()
+    assert redis.sismember(f"llmq:inflight:{worker}", f"llmq:job:{job.id}") == 0
     # Cancelling again is harmless; cancelling a finished or unknown job is refused.
     assert (await ahttp.post(f"/v1/chat/completions/{job.id}/cancel")).json()["status"] == "cancelled"
     done = client.chat.completions.create(model=model, messages=FRANCE, max_tokens=2)
@@ -160,3 +163,64 @@ async def test_leaving_a_non_streaming_request_cancels_it(stack, model, redis):
             break
         await asyncio.sleep(0.2)
     assert status == "cancelled"
+
+
+async def test_readers_drop_repeats_and_fill_gaps_from_the_log(stack, model, tokenizer, ahttp):
+    """The test plays the worker on a real Redis: a repeated event on the channel is
+    delivered once, and an event that never reached the channel (pub/sub loses messages)
+    is filled in from the replay log, in order."""
+    from redis.asyncio import Redis
+
+    from common import keys
+    from common.jobs import ChoiceDelta, ChunkEvent
+    from common.jobstore import JobStore
+    from common.schemas import Usage
+
+    ids = tokenizer.encode("hi", add_special_tokens=False)
+    record = JobRecord(
+        id=new_job_id(), model=model, request=JobRequest(prompt_token_ids=ids, sampling=SamplingSpec(max_tokens=9))
+    )
+
+    def delta(seq: int, text: str) -> ChunkEvent:
+        return ChunkEvent(seq=seq, kind="delta", choices=[ChoiceDelta(index=0, text=text, token_ids=[seq])])
+
+    async with Redis.from_url(stack.redis_url) as r:
+        store = JobStore(r, 3600)
+        await store.create(record)
+        await r.hset(keys.job(record.id), "attempt", 1)
+        await store.append(record.id, 1, [delta(0, "a"), delta(1, "b"), delta(2, "c")])
+        seen: list[tuple[str | None, str]] = []
+
+        async def read() -> None:
+            async with ahttp.stream("GET", f"/v1/chat/completions/{record.id}/stream") as resp:
+                event_id, data = None, None
+                async for line in resp.aiter_lines():
+                    if line.startswith("id: "):
+                        event_id = line[4:]
+                    elif line.startswith("data: "):
+                        data = line[6:]
+                    elif line == "" and data is not None:
+                        seen.append((event_id, data))
+                        event_id, data = None, None
+                        if seen[-1][1] == "[DONE]":
+                            return
+
+        reader = asyncio.create_task(read())
+        deadline = time.monotonic() + 10
+        while sum(1 for i, _ in seen if i is not None) < 3:  # caught up from the log, now live
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await r.publish(keys.job_channel(record.id), delta(1, "b").encode())  # a repeat
+        await r.rpush(keys.job_log(record.id), delta(3, "d").encode())  # logged, never published
+        await store.append(record.id, 1, [delta(4, "e")])
+        done = ChunkEvent(seq=5, kind="done", usage=Usage(prompt_tokens=1, completion_tokens=5, total_tokens=6))
+        await store.append(record.id, 1, [done])
+        await asyncio.wait_for(reader, 15)
+    ids_seen = [int(i) for i, _ in seen if i is not None]
+    assert ids_seen == [0, 1, 2, 3, 4]
+    text = "".join(
+        json.loads(d)["choices"][0]["delta"].get("content", "")
+        for _, d in seen
+        if d != "[DONE]" and json.loads(d)["choices"]
+    )
+    assert text == "abcde" and seen[-1][1] == "[DONE]"

@@ -109,7 +109,6 @@ async def test_killed_worker_job_continues_on_another(rstack):
         # Let it send some of the answer first.
         await read_sse(h, "GET", f"/v1/chat/completions/{job_id}/stream", stop_after_content=10)
         rstack.kill(victim.split("@")[0])
-        killed_at = time.monotonic()
         detected = await wait_for(lambda: job_field(rstack, job_id, "attempt") == "2", 40)
         assert detected < 30, f"worker loss detected after {detected:.1f} s"
         followed = await asyncio.wait_for(follower, 120)
@@ -125,7 +124,7 @@ async def test_killed_worker_job_continues_on_another(rstack):
     tokens = sum(len(c.get("token_ids", [])) for e in map(json.loads, log) for c in e.get("choices", []))
     assert tokens == 160
     # Keep-alive comments flowed while the stream waited for the new attempt.
-    assert followed.comments >= 1 and time.monotonic() - killed_at > 3
+    assert followed.comments >= 1
 
 
 async def test_job_fails_cleanly_when_attempts_run_out(rstack):
