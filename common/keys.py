@@ -105,6 +105,9 @@ def broker_transport_options(visibility_timeout: int) -> dict[str, object]:
     """Celery's Redis transport options; producers and workers must agree on them."""
     return {
         "visibility_timeout": visibility_timeout,
+        # Look for such messages every 10 s (kombu's default scans every 100 s).
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
         "queue_order_strategy": "priority",
         "priority_steps": [CHAT_PRIORITY, BATCH_PRIORITY],
     }

@@ -41,9 +41,10 @@ class Settings(BaseSettings):
     # A lost worker's jobs are re-run this many attempts in all, then failed.
     max_attempts: int = Field(default=3, ge=1)
     reaper_interval_seconds: float = Field(default=3.0, gt=0)
-    # A message a dead worker had reserved but not started goes back to the queue after
-    # this long (running jobs are re-queued by the reaper long before).
-    broker_visibility_timeout: int = Field(default=300, ge=10)
+    # A message a dead worker had taken but not yet started goes back to the queue after
+    # this long (running jobs are re-queued by the reaper long before). A job running
+    # longer is redelivered too, and skipped: it claims its record before it runs.
+    broker_visibility_timeout: int = Field(default=120, ge=10)
 
     # Per-stream buffer of undelivered events before a slow client is cut off.
     stream_buffer_events: int = Field(default=4096, ge=16)
