@@ -170,7 +170,8 @@ async def test_batch_survives_api_and_worker_restarts(rstack):
             "custom_id": f"r{i}",
             "method": "POST",
             "url": "/v1/chat/completions",
-            "body": {"model": MODEL, "messages": STORY, "max_tokens": 48, "temperature": 0, "ignore_eos": True},
+            # Long enough that the batch cannot finish while the API restarts (it did once at 48).
+            "body": {"model": MODEL, "messages": STORY, "max_tokens": 200, "temperature": 0, "ignore_eos": True},
         }
         for i in range(40)
     ]
@@ -195,7 +196,7 @@ async def test_batch_survives_api_and_worker_restarts(rstack):
     assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (40, 40, 0)
     out = [json.loads(x) for x in client(rstack).files.content(final.output_file_id).text.splitlines()]
     assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(40))
-    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 48 for o in out)
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 200 for o in out)
     assert final.error_file_id is None
 
 
