@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from common import keys
 from common.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from common.jobs import ModelCard, WorkerInfo
+from common.workers import live_workers
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,7 @@ class ModelCatalog:
 
     async def live_workers(self) -> list[WorkerInfo]:
         """The workers whose heartbeat is fresh."""
-        ids = await self.redis.zrangebyscore(keys.WORKERS, time.time() - self.worker_ttl, "+inf")
-        if not ids:
-            return []
-        infos = await self.redis.mget([keys.worker(keys.text(i)) for i in ids])
-        return [WorkerInfo.model_validate_json(raw) for raw in infos if raw]
+        return await live_workers(self.redis, self.worker_ttl)
 
     async def live_models(self, fresh: bool = False) -> dict[str, ModelCard]:
         now = time.time()

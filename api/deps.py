@@ -6,12 +6,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.batches.service import BatchService
 from api.catalog import ModelCatalog
-from api.chat import ChatService
+from api.endpoints.chat import ChatAdapter
 from common.settings import Settings
 
 
-def _chat_service(request: Request) -> ChatService:
+def _chat(request: Request) -> ChatAdapter:
     return request.app.state.chat  # type: ignore[no-any-return]
 
 
@@ -23,6 +24,11 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-ChatServiceDep = Annotated[ChatService, Depends(_chat_service)]
+def _batches(request: Request) -> BatchService:
+    return request.app.state.batches  # type: ignore[no-any-return]
+
+
+ChatDep = Annotated[ChatAdapter, Depends(_chat)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+BatchesDep = Annotated[BatchService, Depends(_batches)]

@@ -1,5 +1,6 @@
-"""The API app: `uvicorn api.main:app`. Builds the shared Redis client, the stream relay,
-the model catalog and the job queue once per process, in the lifespan."""
+"""The API app: `uvicorn api.main:app`. Builds, once per process in the lifespan, the
+shared Redis client, the stream relay, the model catalog, the job queue, the job
+pipeline with its endpoint adapters, the batch runner and the reaper."""
 
 from __future__ import annotations
 
@@ -9,20 +10,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from api.batches import BatchService
+from api.batches.runner import BatchRunner
+from api.batches.service import BatchService
 from api.catalog import ModelCatalog
-from api.chat import ChatService
+from api.endpoints.chat import ChatAdapter
 from api.errors import install_error_handlers
 from api.files import FileStore
+from api.jobs.pipeline import JobPipeline
 from api.relay import StreamRelay
 from api.routes import batches as batch_routes
 from api.routes import chat, health, models
 from api.routes import files as file_routes
 from common.job_queue import JobQueue
 from common.reaper import Reaper
+from common.redis_client import connect
 from common.settings import Settings, get_settings
 
 
@@ -31,32 +34,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = aioredis.from_url(settings.redis_url, health_check_interval=10)
+        redis = connect(settings.redis_url)
         relay = StreamRelay(settings.redis_url, settings.stream_buffer_events)
         await relay.start()
         catalog = ModelCatalog(redis, settings.worker_ttl_seconds)
         queue = JobQueue(settings.redis_url, settings.broker_visibility_timeout)
+        pipeline = JobPipeline(settings, redis, relay, queue)
+        chat_adapter = ChatAdapter(settings, pipeline, catalog)
+        files = FileStore(redis, Path(settings.files_dir), settings.upload_max_bytes)
+        runner = BatchRunner(settings, redis, files, chat_adapter, pipeline)
         app.state.settings = settings
         app.state.redis = redis
         app.state.relay = relay
         app.state.catalog = catalog
-        chat = ChatService(settings, redis, relay, catalog, queue)
-        app.state.chat = chat
-        reaper = Reaper(
-            chat.store,
-            queue.submit,
-            worker_ttl_seconds=settings.worker_ttl_seconds,
-            max_attempts=settings.max_attempts,
-            interval_seconds=settings.reaper_interval_seconds,
-        )
-        files = FileStore(redis, Path(settings.files_dir), settings.upload_max_bytes)
-        batches = BatchService(settings, redis, files, chat, queue)
+        app.state.pipeline = pipeline
+        app.state.chat = chat_adapter
         app.state.files = files
-        app.state.batches = batches
+        app.state.batches = BatchService(redis, files, runner)
+        reaper = Reaper(pipeline.store, queue.submit, settings)
         background = [
             asyncio.create_task(reaper.run(), name="reaper"),
             asyncio.create_task(catalog.keep_warm(), name="tokenizer-warm-up"),
-            asyncio.create_task(batches.supervise(), name="batch-supervisor"),
+            asyncio.create_task(runner.supervise(), name="batch-supervisor"),
+            asyncio.create_task(runner.listen(), name="batch-progress"),
         ]
         try:
             yield
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await batches.stop()
+            await runner.stop()
             await relay.stop()
             queue.close()
             catalog.close()

@@ -3,7 +3,7 @@
 Each stream subscribes to its job's channel on the shared connection and gets a bounded
 in-process queue. `subscribe` returns only once Redis has confirmed the subscription, so
 a job queued afterwards cannot publish before we listen. Ordering, gaps and catching up
-from the replay log are the reader's business (`api.chat.ChatService.follow`). A stream whose client stops
+from the replay log are the reader's business (`api.jobs.reader.JobReader`). A stream whose client stops
 reading fills its own queue and is cut off; it never backs up the shared connection.
 """
 

@@ -88,8 +88,11 @@ class BatchObject(BaseModel):
 
 # Batch record fields that are plain strings in the Redis hash; the rest are JSON.
 _PLAIN = {"id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id"}
-# Live counters, kept as integers beside the record and folded into request_counts.
+# Counters: `total` and `dispatched` (lines handed out, a high-water mark) live in the
+# record; the ended lines are counted from the batch's per-status sets (`ended`), until
+# the batch ends and its final counts are written into the record.
 COUNTERS = ("total", "completed", "failed", "cancelled", "dispatched")
+ENDED = ("completed", "failed", "cancelled")
 
 
 def batch_to_redis(batch: BatchObject) -> dict[str, str]:
@@ -101,10 +104,12 @@ def batch_to_redis(batch: BatchObject) -> dict[str, str]:
     return out
 
 
-def batch_from_redis(data: dict[Any, Any]) -> tuple[BatchObject, dict[str, int]]:
-    """The batch object, and its counters (including `dispatched`: lines handed out)."""
+def batch_from_redis(data: dict[Any, Any], ended: dict[str, int] | None = None) -> tuple[BatchObject, dict[str, int]]:
+    """The batch object, and its counters (including `dispatched`: lines handed out).
+    `ended`: the sizes of its per-status sets, used while the batch runs."""
     fields: dict[str, Any] = {}
     counters = dict.fromkeys(COUNTERS, 0)
+    final = any(text(k) == "n_final" for k in data)
     for raw_key, raw in data.items():
         key, value = text(raw_key), text(raw)
         if key.startswith("n_"):
@@ -113,6 +118,8 @@ def batch_from_redis(data: dict[Any, Any]) -> tuple[BatchObject, dict[str, int]]
             fields[key] = value
         elif key in BatchObject.model_fields:
             fields[key] = json.loads(value)
+    if ended is not None and not final:
+        counters.update(ended)
     fields["request_counts"] = RequestCounts(
         total=counters["total"], completed=counters["completed"], failed=counters["failed"]
     )

@@ -88,6 +88,14 @@ class JobRecord(BaseModel):
     worker: str | None = None
     attempt: int = 0
     requeued: float | None = None
+    # When the job last entered the queue, and by when it must have started.
+    queued_at: float | None = None
+    deadline: float | None = None
+    # The running attempt's lease (renewed by its worker) and the token of its claim.
+    lease: float | None = None
+    claim: str | None = None
+    # The attempt the reaper took back (makes a retried reap answer the same).
+    reaped: int | None = None
     cancel_requested: bool = False
     request: JobRequest | None = None
     options: JobOptions = Field(default_factory=JobOptions)
@@ -109,7 +117,7 @@ class JobRecord(BaseModel):
         fields: dict[str, Any] = {}
         for raw_key, raw in data.items():
             key, value = text(raw_key), text(raw)
-            if key in ("id", "model", "status", "worker", "batch", "custom_id"):
+            if key in ("id", "model", "status", "worker", "batch", "custom_id", "claim"):
                 fields[key] = value
             else:
                 fields[key] = json.loads(value)

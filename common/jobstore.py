@@ -1,34 +1,132 @@
-"""JobStore: the job record and the job's replay log in Redis, and every state change
-made to them. API, workers and the reaper all go through it.
+"""JobStore: the job record, its replay log and the job indexes in Redis, and every state
+change made to them. API, workers, the reaper and the batch runner all go through it.
 
-A job's events are appended to its replay log (a list whose index is the event's `seq`)
-and published on its channel in one atomic step, fenced by the job's attempt number:
-once a job has been handed to another attempt, a late writer from an earlier one is
-refused (and told to stop). State changes are Lua scripts, so two parties can never
-both win a race (a cancel and a claim, a reaper and a finishing worker).
+A job's life: `create` (queued, in the QUEUED index) -> `claim` (in_progress under a
+lease, in the LEASES index; the attempt number goes up) -> `append`... -> one terminal
+write (completed, failed or cancelled), or back to queued by `release` (its worker gives
+it up) or `reap` (its lease lapsed). Every step is one Lua script, so two parties can
+never both win a race (a cancel and a claim, a reaper and a finishing worker), and every
+script answers the same when run twice (redis-py retries a command whose reply was lost;
+see `common.redis_client`): claims carry a token, reaps record the attempt they took
+back, terminal writes check the log, batch progress goes into sets.
+
+Fencing: a worker's writes (append, finish, renew, release) name the attempt they belong
+to and count only while the job is `in_progress` in that attempt. Once a job has been
+taken back or handed to another attempt, a late writer is refused (and told to stop).
+
+Every terminal write appends the job's last event (`done` or `error`) to its log and
+publishes it in the same step, so readers always see an end. For a batch's line it also
+records the line in the batch's per-status set, frees its batch slot and announces it.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from common import keys
-from common.jobs import ChoiceDelta, ChunkEvent, JobRecord, JobStatus
-from common.schemas import Usage
+from common.jobs import ChunkEvent, JobRecord, JobStatus
+
+# Shared by the scripts that can end a job. KEYS: 1 job, 2 log, 3 leases, 4 queued,
+# [5 batch record, 6 batch slots of the model] (only for a batch's line).
+_LIB = """
+local function tokens_sent()
+  local sent = 0
+  for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    local ev = cjson.decode(raw)
+    if type(ev.choices) == 'table' then
+      for _, c in ipairs(ev.choices) do
+        if type(c.token_ids) == 'table' then sent = sent + #c.token_ids end
+      end
+    end
+  end
+  return sent
+end
+local function cancelled_event(seq, attempt, n, prompt)
+  local choices = {}
+  for i = 0, n - 1 do choices[#choices + 1] = '{"index":' .. i .. ',"finish_reason":"cancelled"}' end
+  local sent = tokens_sent()
+  return '{"seq":' .. seq .. ',"kind":"done","attempt":' .. attempt .. ',"choices":[' .. table.concat(choices, ',')
+    .. '],"usage":{"prompt_tokens":' .. prompt .. ',"completion_tokens":' .. sent
+    .. ',"total_tokens":' .. (prompt + sent) .. '}}'
+end
+local function error_event(seq, attempt, err)
+  return '{"seq":' .. seq .. ',"kind":"error","attempt":' .. attempt .. ',"error":' .. err .. '}'
+end
+-- Append the last event, set the terminal status, drop the job from the indexes.
+local function end_job(job_id, status, now, event, channel, ttl, progress)
+  redis.call('RPUSH', KEYS[2], event)
+  redis.call('PUBLISH', channel, event)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('HSET', KEYS[1], 'status', status, 'finished', now)
+  redis.call('ZREM', KEYS[3], job_id)
+  redis.call('ZREM', KEYS[4], job_id)
+  if #KEYS >= 6 then
+    redis.call('SADD', KEYS[5] .. ':' .. status, job_id)
+    redis.call('SREM', KEYS[6], job_id)
+    redis.call('PUBLISH', progress, KEYS[5])
+  end
+end
+"""
+
+# KEYS: job, queued. ARGV: ttl, next check, job id, field, value, ...
+# Writes a new record (1) unless one exists (0: a batch line handed out again).
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3]) end
+return 1
+"""
+
+# KEYS: job, leases, queued. ARGV: job id, worker, now, lease until, claim token.
+# The new attempt's number, or the status that prevents starting. The same token again
+# (a retried call) answers the same attempt.
+_CLAIM = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'claim', 'attempt')
+if not st[1] then redis.call('ZREM', KEYS[3], ARGV[1]) return 'missing' end
+if st[1] == 'in_progress' and st[2] == ARGV[5] then return tonumber(st[3]) end
+if st[1] ~= 'queued' then return st[1] end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[2], 'started', ARGV[3], 'lease', ARGV[4],
+  'claim', ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return attempt
+"""
+
+# KEYS: leases, job... ARGV: worker, lease until, attempt..., job id...
+# Extends the leases the worker still holds; answers 1 for each job it no longer holds.
+_RENEW = """
+local n = #KEYS - 1
+local lost = {}
+for i = 1, n do
+  local st = redis.call('HMGET', KEYS[i + 1], 'status', 'attempt', 'worker')
+  if st[1] == 'in_progress' and st[2] == ARGV[2 + i] and st[3] == ARGV[1] then
+    redis.call('HSET', KEYS[i + 1], 'lease', ARGV[2])
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[2 + n + i])
+    lost[i] = 0
+  else
+    lost[i] = 1
+  end
+end
+return lost
+"""
 
 # KEYS: job, log. ARGV: attempt, channel, ttl, seq of the first payload, payload...
-# Returns the log length, or -1 when the attempt no longer owns the job (or the log is
-# not where it should be). Idempotent: a retried call whose first run went through is a no-op.
+# The log length, or -1 when the attempt no longer holds the job (or the log is not
+# where it should be). A retried call whose first run went through is a no-op.
 _APPEND = """
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return -1 end
+local st = redis.call('HMGET', KEYS[1], 'attempt', 'status')
+if st[1] ~= ARGV[1] then return -1 end
 local len = redis.call('LLEN', KEYS[2])
 local first = tonumber(ARGV[4])
 if len > first then return len end
-if len < first then return -1 end
+if st[2] ~= 'in_progress' or len < first then return -1 end
 for i = 5, #ARGV do
   redis.call('RPUSH', KEYS[2], ARGV[i])
   redis.call('PUBLISH', ARGV[2], ARGV[i])
@@ -37,86 +135,167 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return redis.call('LLEN', KEYS[2])
 """
 
-# KEYS: job, worker's inflight set. ARGV: worker id, now.
-# Returns the new attempt number, or the current status when the job cannot start.
-_CLAIM = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if status ~= 'queued' then return status end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[1], 'started', ARGV[2])
-redis.call('SADD', KEYS[2], KEYS[1])
-return attempt
-"""
-
-# KEYS: job, log, worker's inflight set[, batch]. ARGV: attempt, channel, ttl, seq, last event,
-# batch counter to increment ('' for none), field/value...
-# Appends the job's last event and writes its terminal state in one step, if the attempt
-# still owns the job. Returns 1 (done, or already done by a retried call) or 0 (lost it).
-_FINISH = """
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+# ARGV: attempt, channel, ttl, seq, last event, job id, now, progress channel, field, value...
+# The worker's end of a job: its last event and terminal fields in one step, if the
+# attempt still holds the job. 1 (done, or done by an earlier run of this call) or 0.
+_FINISH = (
+    _LIB
+    + """
+local st = redis.call('HMGET', KEYS[1], 'attempt', 'status')
+if st[1] ~= ARGV[1] then return 0 end
 local len = redis.call('LLEN', KEYS[2])
 local seq = tonumber(ARGV[4])
 if len > seq then return 1 end
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'completed' or status == 'failed' or status == 'cancelled' or len < seq then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[2], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('SREM', KEYS[3], KEYS[1])
-if KEYS[4] and ARGV[6] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[6], 1) end
+if st[2] ~= 'in_progress' or len < seq then return 0 end
+local status = 'completed'
+for i = 9, #ARGV, 2 do
+  if ARGV[i] == 'status' then status = ARGV[i + 1] else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('HDEL', KEYS[1], 'lease')
+end_job(ARGV[6], status, ARGV[7], ARGV[5], ARGV[2], ARGV[3], ARGV[8])
+return 1
+"""
+)
+
+# KEYS: job, leases, queued. ARGV: job id, attempt, worker, now, next check.
+# A worker gives a job back (its engine died, it is shutting down, its log went short):
+# queued again for another attempt. 1 if given back (now or by an earlier run), else 0.
+_RELEASE = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker')
+if st[2] ~= ARGV[2] or st[3] ~= ARGV[3] then return 0 end
+if st[1] == 'queued' then return 1 end
+if st[1] ~= 'in_progress' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'queued_at', ARGV[4], 'requeued', ARGV[4])
+redis.call('HDEL', KEYS[1], 'lease', 'claim')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 return 1
 """
 
-# KEYS: job. ARGV: now. Returns the status the job had.
-# queued -> cancelled at once; in_progress -> flagged for its worker to abort.
-_CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', ARGV[1])
-elseif status == 'in_progress' then
+# ARGV: job id, now, channel, ttl, n, prompt tokens, progress channel.
+# queued -> cancelled at once, with its last event; in_progress -> flagged for its worker
+# to abort. Answers the status the job had (run again: `cancelled`).
+_CANCEL = (
+    _LIB
+    + """
+local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if not st[1] then return 'missing' end
+if st[1] == 'queued' then
+  local event = cancelled_event(redis.call('LLEN', KEYS[2]), st[2], tonumber(ARGV[5]), tonumber(ARGV[6]))
+  end_job(ARGV[1], 'cancelled', ARGV[2], event, ARGV[3], ARGV[4], ARGV[7])
+elseif st[1] == 'in_progress' then
   redis.call('HSET', KEYS[1], 'cancel_requested', '1')
 end
-return status
+return st[1]
 """
+)
 
-# KEYS: job, dead worker's inflight set. ARGV: dead worker id, max attempts, now, error json.
-# Returns what was done: requeued | failed | cancelled | skip.
-_REAP = """
-redis.call('SREM', KEYS[2], KEYS[1])
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'in_progress' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 'skip' end
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', ARGV[3])
+# ARGV: job id, now, max attempts, channel, ttl, n, prompt tokens, error json, progress
+# channel, next check. A job whose lease lapsed: back to the queue (`requeued`), or ended
+# (`cancelled` when a cancel was pending, `failed` when its attempts are used up), or
+# `live` (renewed meanwhile) / `skip` (not running). Run again, it answers the same.
+_REAP = (
+    _LIB
+    + """
+local st = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'lease', 'cancel_requested', 'reaped')
+if not st[1] then redis.call('ZREM', KEYS[3], ARGV[1]) return 'missing' end
+if st[1] ~= 'in_progress' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  if st[5] and st[5] == st[2] then
+    if st[1] == 'queued' then return 'requeued' end
+    return st[1]
+  end
+  return 'skip'
+end
+if tonumber(st[3] or '0') > tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[3], st[3], ARGV[1])
+  return 'live'
+end
+redis.call('HSET', KEYS[1], 'reaped', st[2])
+local seq = redis.call('LLEN', KEYS[2])
+if st[4] == '1' then
+  end_job(ARGV[1], 'cancelled', ARGV[2], cancelled_event(seq, st[2], tonumber(ARGV[6]), tonumber(ARGV[7])),
+    ARGV[4], ARGV[5], ARGV[9])
   return 'cancelled'
 end
-if tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') >= tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished', ARGV[3], 'error', ARGV[4])
+if tonumber(st[2]) >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'error', ARGV[8])
+  end_job(ARGV[1], 'failed', ARGV[2], error_event(seq, st[2], ARGV[8]), ARGV[4], ARGV[5], ARGV[9])
   return 'failed'
 end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'requeued', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'queued_at', ARGV[2], 'requeued', ARGV[2])
+redis.call('HDEL', KEYS[1], 'lease', 'claim')
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[10], ARGV[1])
 return 'requeued'
 """
+)
+
+# ARGV: job id, now, next check, channel, ttl, error json ('' to keep it queued), progress channel.
+# A queued job the sweeper looks at: `resend` (still queued; look again at `next check`),
+# `failed` (ended with the error: no capacity before its deadline) or `skip` (not queued).
+_SWEEP = (
+    _LIB
+    + """
+local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if st[1] ~= 'queued' then redis.call('ZREM', KEYS[4], ARGV[1]) return 'skip' end
+if ARGV[6] == '' then
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+  return 'resend'
+end
+redis.call('HSET', KEYS[1], 'error', ARGV[6])
+end_job(ARGV[1], 'failed', ARGV[2], error_event(redis.call('LLEN', KEYS[2]), st[2], ARGV[6]), ARGV[4], ARGV[5], ARGV[7])
+return 'failed'
+"""
+)
+
+
+def new_claim_token() -> str:
+    return uuid.uuid4().hex
 
 
 class JobStore:
-    def __init__(self, redis: aioredis.Redis, ttl_seconds: int):
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int, resend_seconds: float = 30.0):
         self.redis = redis
         self.ttl = ttl_seconds
-        self._append = redis.register_script(_APPEND)
+        self.resend_seconds = resend_seconds
+        self._create = redis.register_script(_CREATE)
         self._claim = redis.register_script(_CLAIM)
+        self._renew = redis.register_script(_RENEW)
+        self._append = redis.register_script(_APPEND)
         self._finish = redis.register_script(_FINISH)
+        self._release = redis.register_script(_RELEASE)
         self._cancel = redis.register_script(_CANCEL)
         self._reap = redis.register_script(_REAP)
+        self._sweep = redis.register_script(_SWEEP)
 
-    async def create(self, record: JobRecord) -> None:
-        key = keys.job(record.id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=record.to_redis())  # type: ignore[arg-type]
-            pipe.expire(key, self.ttl)
-            await pipe.execute()
+    @staticmethod
+    def ending_keys(job_id: str, model: str, batch: str | None) -> list[str]:
+        """The keys a script that may end the job touches (see `_LIB`)."""
+        out = [keys.job(job_id), keys.job_log(job_id), keys.LEASES, keys.QUEUED]
+        if batch:
+            out += [keys.batch(batch), keys.batch_slots(model)]
+        return out
+
+    @staticmethod
+    def _shape(record: JobRecord) -> tuple[int, int]:
+        """(n, prompt tokens): what a `done` event written for the job needs."""
+        if record.request is None:
+            return 1, 0
+        return record.request.sampling.n, len(record.request.prompt_token_ids)
+
+    # -- creating and reading ------------------------------------------------------------
+
+    async def create(self, record: JobRecord, ttl: int | None = None) -> bool:
+        """Store a new job (queued jobs also enter the QUEUED index). False if a record
+        with its id exists already (it is left as it is)."""
+        now = time.time()
+        if record.status == JobStatus.queued and record.queued_at is None:
+            record.queued_at = now
+        args: list[Any] = [ttl or self.ttl, now + self.resend_seconds, record.id]
+        for name, value in record.to_redis().items():
+            args += [name, value]
+        return bool(await self._create(keys=[keys.job(record.id), keys.QUEUED], args=args))
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self.redis.hgetall(keys.job(job_id))
@@ -126,77 +305,82 @@ class JobStore:
         raw = await self.redis.hget(keys.job(job_id), "status")
         return JobStatus(keys.text(raw)) if raw else None
 
-    async def claim(self, job_id: str, worker_id: str) -> int | str:
-        """Start an attempt: returns its number, or the status that prevents starting."""
-        result = await self._claim(keys=[keys.job(job_id), keys.inflight(worker_id)], args=[worker_id, time.time()])
-        return result if isinstance(result, int) else result.decode()
+    async def log(self, job_id: str, start: int = 0, end: int = -1) -> list[ChunkEvent]:
+        return [ChunkEvent.decode(raw) for raw in await self.redis.lrange(keys.job_log(job_id), start, end)]
 
-    async def append(self, job_id: str, attempt: int, events: list[ChunkEvent]) -> int:
-        """Append events (consecutive seqs) to the replay log and publish them; -1 if the
-        attempt lost the job."""
-        return int(
-            await self._append(
-                keys=[keys.job(job_id), keys.job_log(job_id)],
-                args=[attempt, keys.job_channel(job_id), self.ttl, events[0].seq, *(e.encode() for e in events)],
-            )
+    # -- the worker's side ----------------------------------------------------------------
+
+    async def claim(self, job_id: str, worker_id: str, token: str, lease_seconds: float) -> int | str:
+        """Start an attempt under a lease: its number, or the status that prevents it."""
+        now = time.time()
+        result = await self._claim(
+            keys=[keys.job(job_id), keys.LEASES, keys.QUEUED],
+            args=[job_id, worker_id, now, now + lease_seconds, token],
         )
+        return result if isinstance(result, int) else keys.text(result)
 
-    async def append_in(self, pipe: Any, job_id: str, attempt: int, first_seq: int, payloads: list[str]) -> None:
+    async def renew(self, worker_id: str, held: dict[str, int], lease_seconds: float) -> set[str]:
+        """Extend the leases of the jobs (id -> attempt) a worker runs; the ids it no
+        longer holds."""
+        if not held:
+            return set()
+        ids = list(held)
+        lost = await self._renew(
+            keys=[keys.LEASES, *(keys.job(j) for j in ids)],
+            args=[worker_id, time.time() + lease_seconds, *(held[j] for j in ids), *ids],
+        )
+        return {j for j, flag in zip(ids, lost, strict=True) if int(flag)}
+
+    async def append(self, job_id: str, attempt: int, first_seq: int, payloads: list[str]) -> int:
+        """Append events (consecutive seqs from `first_seq`) to the replay log and publish
+        them; -1 if the attempt no longer holds the job."""
+        return int(await self.append_in(self.redis, job_id, attempt, first_seq, payloads))
+
+    async def append_in(self, pipe: Any, job_id: str, attempt: int, first_seq: int, payloads: list[str]) -> Any:
         """The same as `append`, queued on a pipeline (the publisher batches many jobs)."""
-        await self._append(
+        return await self._append(
             keys=[keys.job(job_id), keys.job_log(job_id)],
             args=[attempt, keys.job_channel(job_id), self.ttl, first_seq, *payloads],
             client=pipe,
         )
 
-    async def log(self, job_id: str, start: int = 0, end: int = -1) -> list[ChunkEvent]:
-        return [ChunkEvent.decode(raw) for raw in await self.redis.lrange(keys.job_log(job_id), start, end)]
-
-    async def end_stream(self, record: JobRecord, error: dict[str, Any] | None = None) -> None:
-        """Write the last event of a job no worker will finish (cancelled while queued, or
-        given up by the reaper) after whatever earlier attempts sent: an error, or else a
-        `done` with every choice cancelled and the tokens sent so far as usage."""
-        previous = await self.log(record.id)
-        if error is not None:
-            event = ChunkEvent(seq=len(previous), kind="error", attempt=record.attempt, error=error)
-        else:
-            n = record.request.sampling.n if record.request else 1
-            prompt = len(record.request.prompt_token_ids) if record.request else 0
-            sent = sum(len(c.token_ids) for e in previous for c in e.choices)
-            event = ChunkEvent(
-                seq=len(previous),
-                kind="done",
-                attempt=record.attempt,
-                choices=[ChoiceDelta(index=i, finish_reason="cancelled") for i in range(n)],
-                usage=Usage(prompt_tokens=prompt, completion_tokens=sent, total_tokens=prompt + sent),
-            )
-        await self.append(record.id, record.attempt, [event])
-
     async def finish_in(
         self,
         pipe: Any,
         job_id: str,
-        worker_id: str,
+        model: str,
         attempt: int,
         event: str,
         seq: int,
         fields: dict[str, Any],
         batch: str | None = None,
-    ) -> None:
-        """Queue the job's last event and its terminal record fields, as one step; for a
-        batch's job, count it in the batch's `n_<status>`."""
-        counter = f"n_{fields['status']}" if batch else ""
-        values: list[Any] = [attempt, keys.job_channel(job_id), self.ttl, seq, event, counter]
+    ) -> Any:
+        """Queue the job's last event and its terminal record fields (`status` among
+        them), as one step."""
+        values: list[Any] = [
+            attempt,
+            keys.job_channel(job_id),
+            self.ttl,
+            seq,
+            event,
+            job_id,
+            time.time(),
+            keys.BATCH_PROGRESS,
+        ]
         for name, value in fields.items():
             if value is not None:
                 values += [name, value if isinstance(value, str | int | float) else json.dumps(value)]
-        job_keys = [keys.job(job_id), keys.job_log(job_id), keys.inflight(worker_id)]
-        if batch:
-            job_keys.append(keys.batch(batch))
-        await self._finish(keys=job_keys, args=values, client=pipe)
+        return await self._finish(keys=self.ending_keys(job_id, model, batch), args=values, client=pipe)
 
-    async def cancel(self, job_id: str) -> str:
-        return (await self._cancel(keys=[keys.job(job_id)], args=[time.time()])).decode()
+    async def release(self, job_id: str, attempt: int, worker_id: str) -> bool:
+        """Give a job back to the queue (the caller then sends its message)."""
+        now = time.time()
+        return bool(
+            await self._release(
+                keys=[keys.job(job_id), keys.LEASES, keys.QUEUED],
+                args=[job_id, attempt, worker_id, now, now + self.resend_seconds],
+            )
+        )
 
     async def cancel_requested(self, job_ids: list[str]) -> set[str]:
         if not job_ids:
@@ -207,9 +391,56 @@ class JobStore:
             flags = await pipe.execute()
         return {j for j, f in zip(job_ids, flags, strict=True) if f == b"1"}
 
-    async def reap(self, job_id: str, dead_worker: str, max_attempts: int, error: dict[str, Any]) -> str:
-        result = await self._reap(
-            keys=[keys.job(job_id), keys.inflight(dead_worker)],
-            args=[dead_worker, max_attempts, time.time(), json.dumps(error)],
+    # -- the API's and the reaper's side --------------------------------------------------
+
+    async def cancel(self, record: JobRecord) -> str:
+        """Cancel a job: the status it had (`queued`: it ended now; `in_progress`: its
+        worker is to abort it)."""
+        n, prompt = self._shape(record)
+        result = await self._cancel(
+            keys=self.ending_keys(record.id, record.model, record.batch),
+            args=[record.id, time.time(), keys.job_channel(record.id), self.ttl, n, prompt, keys.BATCH_PROGRESS],
         )
-        return result.decode()
+        return keys.text(result)
+
+    async def reap(self, record: JobRecord, max_attempts: int, error: dict[str, Any]) -> str:
+        """Take back a job whose lease lapsed (see `_REAP`)."""
+        n, prompt = self._shape(record)
+        now = time.time()
+        result = await self._reap(
+            keys=self.ending_keys(record.id, record.model, record.batch),
+            args=[
+                record.id,
+                now,
+                max_attempts,
+                keys.job_channel(record.id),
+                self.ttl,
+                n,
+                prompt,
+                json.dumps(error),
+                keys.BATCH_PROGRESS,
+                now + self.resend_seconds,
+            ],
+        )
+        return keys.text(result)
+
+    async def sweep(self, record: JobRecord, error: dict[str, Any] | None) -> str:
+        """Look at a queued job: keep it (`resend`), or end it with `error` (`failed`)."""
+        now = time.time()
+        result = await self._sweep(
+            keys=self.ending_keys(record.id, record.model, record.batch),
+            args=[
+                record.id,
+                now,
+                now + self.resend_seconds,
+                keys.job_channel(record.id),
+                self.ttl,
+                json.dumps(error) if error is not None else "",
+                keys.BATCH_PROGRESS,
+            ],
+        )
+        return keys.text(result)
+
+    async def due(self, index: str, limit: int = 500) -> list[str]:
+        """Job ids in LEASES (lease lapsed) or QUEUED (due a look) whose time has come."""
+        return [keys.text(j) for j in await self.redis.zrangebyscore(index, "-inf", time.time(), start=0, num=limit)]

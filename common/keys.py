@@ -14,8 +14,16 @@ def text(value: object) -> str:
 
 # Sorted set: worker id -> time of its last heartbeat.
 WORKERS = PREFIX + "workers"
-# Lock held by whichever process is reaping dead workers' jobs.
+# Hash: model -> time any worker serving it last beat.
+MODELS_SEEN = PREFIX + "models-seen"
+# Lock held by whichever process is reaping lapsed leases and sweeping the queue.
 REAPER_LOCK = PREFIX + "reaper-lock"
+# Sorted set: job id -> time its lease lapses (the jobs in progress).
+LEASES = PREFIX + "leases"
+# Sorted set: job id -> when the sweeper next looks at it (the jobs queued).
+QUEUED = PREFIX + "queued"
+# Pub/sub channel on which the end of every batch line is announced (data: batch key).
+BATCH_PROGRESS = PREFIX + "batch-progress"
 # Pub/sub channel on which cancellations are announced to every worker.
 CANCEL_CHANNEL = PREFIX + "cancel"
 
@@ -33,11 +41,6 @@ def job_channel(job_id: str) -> str:
 def job_log(job_id: str) -> str:
     """List: the job's chunk events, index == seq (the replay log)."""
     return f"{PREFIX}events:{job_id}"
-
-
-def inflight(worker_id: str) -> str:
-    """Set: job keys a worker is running (what the reaper re-queues if the worker dies)."""
-    return f"{PREFIX}inflight:{worker_id}"
 
 
 def worker(worker_id: str) -> str:
@@ -70,6 +73,17 @@ ACTIVE_BATCHES = PREFIX + "batches:active"
 def batch(batch_id: str) -> str:
     """Hash: a batch's record (status, timestamps, counts, file ids, ...)."""
     return f"{PREFIX}batch:{batch_id}"
+
+
+def batch_ended(batch_id: str, status: str) -> str:
+    """Set: the job ids of a batch's lines that ended with `status` (completed, failed,
+    cancelled). Sets, not counters: writing an end twice counts it once."""
+    return f"{batch(batch_id)}:{status}"
+
+
+def batch_slots(model: str) -> str:
+    """Set: the batch lines of `model` handed out and not ended (the slots batches hold)."""
+    return f"{PREFIX}batch-slots:{model}"
 
 
 def batch_lock(batch_id: str) -> str:

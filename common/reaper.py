@@ -1,11 +1,20 @@
-"""Reaper: finds jobs whose worker stopped beating and re-queues them (or gives up).
+"""Reaper: makes every accepted job end, whatever happens to the processes around it.
 
-A worker refreshes its heartbeat every `heartbeat_seconds`; one silent for
-`worker_ttl_seconds` is taken for dead. Each job it was running goes back to `queued`
-and to its model's queue, up to `max_attempts` attempts in all; then it fails with a
-clear error. A job whose cancellation was pending ends `cancelled`. Every API process
-and every worker runs a reaper; a short Redis lock lets one sweep at a time, so jobs are
-reaped while any part of the service is alive.
+Two sweeps, every `reaper_interval_seconds`, by one process at a time (a Redis lock;
+every API process and every worker runs a reaper, so jobs are looked after while any
+part of the service is alive):
+
+- **Lapsed leases.** A running job is held under a lease its worker renews every
+  heartbeat. A job whose lease lapsed (worker killed, hung, cut off from Redis, or
+  running it under a name another process also uses) goes back to the queue and its
+  message is sent again, up to `max_attempts` attempts in all; then it fails with
+  `worker_lost`. A job whose cancellation was pending ends `cancelled`.
+- **Overdue queued jobs.** A job still queued `queue_resend_seconds` after it entered
+  the queue has its message sent again: the message may be gone (a requeue that failed
+  during a Redis restart, a worker that acknowledged it and died); claims make the
+  duplicates harmless. A job not started by its deadline fails with `queue_timeout`,
+  or, when its model has had no live worker for `no_worker_timeout_seconds`, with
+  `model_unavailable`: its readers get a clear error instead of waiting for a day.
 """
 
 from __future__ import annotations
@@ -13,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
+from redis.asyncio.lock import Lock
 from redis.exceptions import RedisError
 
 from common import keys
 from common.errors import ServiceError
+from common.jobs import JobRecord
 from common.jobstore import JobStore
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,30 +39,44 @@ Requeue = Callable[[str, str, int], Awaitable[None]]
 
 
 class WorkerLostError(ServiceError):
+    status_code = 503
+    error_type = "service_unavailable"
     default_code = "worker_lost"
 
 
+class QueueTimeoutError(ServiceError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "queue_timeout"
+
+
+class ModelUnavailableError(ServiceError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "model_unavailable"
+
+
+def priority_of(record: JobRecord) -> int:
+    return keys.BATCH_PRIORITY if record.batch else keys.CHAT_PRIORITY
+
+
 class Reaper:
-    def __init__(
-        self,
-        store: JobStore,
-        requeue: Requeue,
-        *,
-        worker_ttl_seconds: float,
-        max_attempts: int,
-        interval_seconds: float,
-    ):
+    def __init__(self, store: JobStore, requeue: Requeue, settings: Settings):
         self.store = store
         self.requeue = requeue
-        self.worker_ttl = worker_ttl_seconds
-        self.max_attempts = max_attempts
-        self.interval = interval_seconds
-        self.owner = uuid.uuid4().hex
+        self.settings = settings
+        self.interval = settings.reaper_interval_seconds
+        # Held for one interval and never released: at most one sweep per interval,
+        # by whichever process gets there first.
+        self._lock = Lock(store.redis, keys.REAPER_LOCK, timeout=self.interval, blocking=False)
+        # A model never seen serving (e.g. Redis lost the record) counts from our start.
+        self._since = time.time()
 
     async def run(self) -> None:
         while True:
             try:
-                await self.sweep()
+                if await self._lock.acquire(token=None):
+                    await self.sweep()
             except RedisError as exc:
                 log.warning("reaper: %s", exc)
             except Exception:
@@ -59,41 +84,61 @@ class Reaper:
             await asyncio.sleep(self.interval)
 
     async def sweep(self) -> list[tuple[str, str]]:
-        """One pass; returns (job id, action) for every job it touched."""
-        redis = self.store.redis
-        if not await redis.set(keys.REAPER_LOCK, self.owner, nx=True, px=int(self.interval * 1000)):
-            return []
+        """One pass over both indexes; (job id, action) for every job acted on."""
+        return await self.reap_lapsed() + await self.sweep_queued()
+
+    async def reap_lapsed(self) -> list[tuple[str, str]]:
         done: list[tuple[str, str]] = []
-        dead = await redis.zrangebyscore(keys.WORKERS, "-inf", time.time() - self.worker_ttl)
-        for raw_worker in dead:
-            worker = keys.text(raw_worker)
-            for raw_key in await redis.smembers(keys.inflight(worker)):
-                job_id = keys.text(raw_key).removeprefix(keys.job(""))
-                action = await self._reap(job_id, worker)
-                done.append((job_id, action))
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.delete(keys.inflight(worker))
-                pipe.zrem(keys.WORKERS, worker)
-                await pipe.execute()
+        for job_id in await self.store.due(keys.LEASES):
+            record = await self.store.get(job_id)
+            if record is None:
+                await self.store.redis.zrem(keys.LEASES, job_id)
+                continue
+            error = WorkerLostError(
+                f"the worker running this job stopped responding {self.settings.max_attempts} time(s); giving up"
+            ).to_dict()["error"]
+            action = await self.store.reap(record, self.settings.max_attempts, error)
+            if action in ("live", "skip", "missing"):
+                continue
+            log.warning("job %s: lease of %s lapsed (attempt %d); %s", job_id, record.worker, record.attempt, action)
+            if action == "requeued":
+                await self.requeue(job_id, record.model, priority_of(record))
+            done.append((job_id, action))
         return done
 
-    async def _reap(self, job_id: str, worker: str) -> str:
-        error = WorkerLostError(
-            f"the worker running this job stopped responding {self.max_attempts} time(s); giving up",
-        ).to_dict()
-        action = await self.store.reap(job_id, worker, self.max_attempts, error["error"])
-        if action == "skip":
-            return action
-        log.warning("job %s: worker %s lost; %s", job_id, worker, action)
-        record = await self.store.get(job_id)
-        if record is None:
-            return action
-        if action == "requeued":
-            priority = keys.BATCH_PRIORITY if record.batch else keys.CHAT_PRIORITY
-            await self.requeue(job_id, record.model, priority)
-            return action
-        # failed / cancelled: end the job's stream for whoever follows it.
-        await self.store.end_stream(record, error=error if action == "failed" else None)
-        if record.batch:
-            await self.store.redis.hincrby(keys.batch(record.batch), f"n_{action}", 1)
-        return action
+    async def sweep_queued(self) -> list[tuple[str, str]]:
+        due = await self.store.due(keys.QUEUED)
+        if not due:
+            return []
+        now = time.time()
+        seen = {keys.text(k): float(v) for k, v in (await self.store.redis.hgetall(keys.MODELS_SEEN)).items()}
+        done: list[tuple[str, str]] = []
+        for job_id in due:
+            record = await self.store.get(job_id)
+            if record is None:
+                await self.store.redis.zrem(keys.QUEUED, job_id)
+                continue
+            action = await self.store.sweep(record, self._why_end(record, now, seen.get(record.model)))
+            if action == "resend":
+                await self.requeue(job_id, record.model, priority_of(record))
+            elif action == "failed":
+                log.warning("job %s: never started; failed (%s)", job_id, record.model)
+            done.append((job_id, action))
+        return done
+
+    def _why_end(self, record: JobRecord, now: float, seen: float | None) -> dict[str, object] | None:
+        """The error a queued job ends with now, or None to keep it queued."""
+        queued_at = record.queued_at or record.created
+        deadline = record.deadline or (record.created + self.settings.queue_timeout_seconds)
+        if now >= deadline:
+            return QueueTimeoutError(
+                f"no worker for '{record.model}' started this job before its deadline "
+                f"({deadline - record.created:.0f} s after it was created)"
+            ).to_dict()["error"]
+        grace = self.settings.no_worker_timeout_seconds
+        seen = seen if seen is not None else self._since
+        if now - seen >= grace and now - queued_at >= grace:
+            return ModelUnavailableError(
+                f"no worker has served '{record.model}' for {now - seen:.0f} s; the job was not started"
+            ).to_dict()["error"]
+        return None

@@ -161,6 +161,24 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ChatCompletionJob(BaseModel):
+    """A chat completion job as `GET /v1/chat/completions/{id}` shows it: a
+    `chat.completion` (choices and usage once it has ended) with the job's own fields."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+    background: bool = False
+    attempt: int = 0
+    started_at: int | None = None
+    finished_at: int | None = None
+    choices: list[Choice] = Field(default_factory=list)
+    usage: Usage | None = None
+    error: dict[str, Any] | None = None
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None

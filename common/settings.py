@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     model_name: str = "SmolLM2-135M-Instruct"
     # `vllm`, or `fake`: a stand-in that answers instantly (benchmarks of the orchestration only).
     engine: Literal["vllm", "fake"] = "vllm"
+    # ENGINE=fake only: how long each engine step (8 tokens per choice) takes. 0: at once;
+    # the chaos test slows it down so that jobs are in flight when faults hit.
+    fake_step_seconds: float = Field(default=0.0, ge=0)
     # Upper bound on prompt + completion tokens; default: the model's own context.
     max_model_len: int | None = None
     # `auto`: the checkpoint's dtype on a GPU, float32 on a CPU (see worker.vllm_engine).
@@ -38,9 +41,21 @@ class Settings(BaseSettings):
     # `worker_ttl_seconds` no longer counts as live.
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     worker_ttl_seconds: float = Field(default=15.0, gt=0)
+    # A running job is held under a lease its worker renews every heartbeat; a job whose
+    # lease lapsed (its worker died, hung or lost it) goes back to the queue.
+    lease_seconds: float = Field(default=15.0, gt=0)
     # A lost worker's jobs are re-run this many attempts in all, then failed.
     max_attempts: int = Field(default=3, ge=1)
+    # How often lapsed leases and overdue queued jobs are looked for (one process at a time).
     reaper_interval_seconds: float = Field(default=3.0, gt=0)
+    # A job still queued this long is sent to its queue again (its message may be gone:
+    # claims make duplicates harmless).
+    queue_resend_seconds: float = Field(default=30.0, gt=0)
+    # A job that has not started this long after it was queued fails (`queue_timeout`);
+    # one whose model has had no live worker for `no_worker_timeout_seconds` fails sooner
+    # (`model_unavailable`). Batch lines wait until their batch expires instead.
+    queue_timeout_seconds: float = Field(default=600.0, gt=0)
+    no_worker_timeout_seconds: float = Field(default=60.0, gt=0)
     # A message a dead worker had taken but not yet started goes back to the queue after
     # this long (running jobs are re-queued by the reaper long before). A job running
     # longer is redelivered too, and skipped: it claims its record before it runs.

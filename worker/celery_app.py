@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from celery import Celery, signals
 
 from common import keys
 from common.job_queue import JobQueue
 from common.settings import get_settings
-from worker.runtime import WorkerRuntime
+from worker.runtime import WorkerRuntime, unique_worker_id
 
 log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -60,10 +61,27 @@ def _start_runtime(sender: object = None, **_: object) -> None:
 
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format=LOG_FORMAT)
     hostname = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
-    requeue = JobQueue(settings.redis_url, settings.broker_visibility_timeout)
-    _runtime = WorkerRuntime(settings, build_engine(settings), worker_id=hostname, requeue=requeue.submit)
-    _runtime.start()
-    log.info("worker %s serving %s", hostname, settings.model_name)
+    try:
+        requeue = JobQueue(settings.redis_url, settings.broker_visibility_timeout)
+        _runtime = WorkerRuntime(
+            settings, build_engine(settings), worker_id=unique_worker_id(hostname), requeue=requeue.submit
+        )
+        _runtime.start()
+    except Exception:
+        # Celery only logs what a worker_init handler raises, then consumes the queue and
+        # fails every job it takes. Exit instead, before taking any message, so that the
+        # messages wait for a worker that can run them and the failure is seen.
+        log.exception(
+            "worker %s cannot start its engine (MODEL_PATH=%s, ENGINE=%s); exiting",
+            hostname,
+            settings.model_path,
+            settings.engine,
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)  # not SystemExit: leftover engine threads must not keep the process up
+    log.info("worker %s serving %s", _runtime.worker_id, settings.model_name)
 
 
 @signals.worker_shutdown.connect

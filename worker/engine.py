@@ -36,6 +36,10 @@ class Engine(Protocol):
     async def abort(self, request_id: str) -> None:
         """Stop a running request and free its batch slot."""
 
+    def alive(self) -> bool:
+        """False once the engine has died (the worker then gives its jobs back and exits)."""
+        ...
+
     async def shutdown(self) -> None: ...
 
 

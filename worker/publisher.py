@@ -53,10 +53,10 @@ def merge_deltas(into: list[ChoiceDelta], more: list[ChoiceDelta]) -> list[Choic
 
 class ChunkPublisher:
     def __init__(
-        self, store: JobStore, worker_id: str, on_lost: Callable[[str], None] | None = None, retry_seconds: float = 0.5
+        self, store: JobStore, model: str, on_lost: Callable[[str], None] | None = None, retry_seconds: float = 0.5
     ):
         self.store = store
-        self.worker_id = worker_id
+        self.model = model
         self.on_lost = on_lost
         self.retry_seconds = retry_seconds
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -167,7 +167,7 @@ class ChunkPublisher:
                         if last.fields is not None:
                             seq = first + len(deltas)
                             await self.store.finish_in(
-                                pipe, job_id, self.worker_id, attempt, group[-1][1], seq, last.fields, last.batch
+                                pipe, job_id, self.model, attempt, group[-1][1], seq, last.fields, last.batch
                             )
                             kinds.append("finish")
                         calls.append(kinds)

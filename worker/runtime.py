@@ -3,8 +3,13 @@
 Celery runs the worker's tasks in threads (one per slot). Each task hands its job id to
 `WorkerRuntime.run_job`, which runs the job as a coroutine on the runtime's loop, where
 the engine lives; so every job the worker holds sits in the same engine batch. The
-runtime also publishes chunk events, keeps the worker's registration alive, and aborts
-jobs that are cancelled.
+runtime also publishes chunk events, keeps the worker's registration and its jobs'
+leases alive, and aborts jobs that are cancelled.
+
+Every job it claims ends in a terminal write (completed, failed, cancelled) or is given
+back to the queue (`release`); if even that cannot reach Redis, the job's lease lapses
+and the reaper takes it back. A worker whose engine has died releases its jobs,
+unregisters and exits non-zero (`EXIT_ENGINE_DEAD`), for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common import keys
@@ -27,6 +33,7 @@ from common.jobs import (
     ChoiceDelta,
     ChoiceResult,
     ChunkEvent,
+    JobRecord,
     JobRequest,
     JobResult,
     JobStatus,
@@ -34,8 +41,9 @@ from common.jobs import (
     SamplingSpec,
     WorkerInfo,
 )
-from common.jobstore import JobStore
-from common.reaper import Reaper, Requeue
+from common.jobstore import JobStore, new_claim_token
+from common.reaper import Reaper, Requeue, priority_of
+from common.redis_client import connect
 from common.schemas import Usage
 from common.settings import Settings
 from worker.engine import Engine, EngineRequestError
@@ -43,21 +51,40 @@ from worker.publisher import ChunkPublisher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Exit status of a worker whose engine died (or never started): its supervisor restarts it.
+EXIT_ENGINE_DEAD = 3
+
+
+def unique_worker_id(name: str) -> str:
+    """Celery's node name plus this process: two processes started under one name (a
+    copied command line, a restarted container) still hold their jobs apart."""
+    return f"{name}/{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, engine: Engine, worker_id: str, requeue: Requeue):
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        worker_id: str,
+        requeue: Requeue,
+        on_fatal: Callable[[int], None] | None = None,
+    ):
         self.settings = settings
         self._requeue = requeue
         self.engine = engine
         self.worker_id = worker_id
+        # What to do once the engine is dead and the jobs are given back (the Celery
+        # worker exits the process; tests watch it).
+        self._on_fatal = on_fatal or (lambda code: os._exit(code))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
         self._tasks: list[asyncio.Task[Any]] = []
         self._inflight: dict[str, int] = {}  # job id -> attempt
         self._cancelled: set[str] = set()
         self._lost: set[str] = set()
-        self.redis: aioredis.Redis | None = None
+        self.dead = False
+        self.redis: Any = None
         self.store: JobStore | None = None
         self.publisher: ChunkPublisher | None = None
         self.card: ModelCard | None = None
@@ -89,7 +116,7 @@ class WorkerRuntime:
     # -- on the loop ------------------------------------------------------------------
 
     async def _start(self) -> None:
-        self.redis = aioredis.from_url(self.settings.redis_url, health_check_interval=10)
+        self.redis = connect(self.settings.redis_url)
         await self.engine.start()
         self._tokenizer_files = self.engine.tokenizer_files()
         digest = hashlib.sha256()
@@ -101,21 +128,16 @@ class WorkerRuntime:
             tokenizer_digest=digest.hexdigest()[:32],
             created=int(time.time()),
         )
-        self.store = JobStore(self.redis, self.settings.job_ttl_seconds)
-        self.publisher = ChunkPublisher(self.store, self.worker_id, on_lost=self._on_lost)
+        self.store = JobStore(self.redis, self.settings.job_ttl_seconds, self.settings.queue_resend_seconds)
+        self.publisher = ChunkPublisher(self.store, self.settings.model_name, on_lost=self._on_lost)
         await self._register()
-        reaper = Reaper(
-            self.store,
-            self._requeue,
-            worker_ttl_seconds=self.settings.worker_ttl_seconds,
-            max_attempts=self.settings.max_attempts,
-            interval_seconds=self.settings.reaper_interval_seconds,
-        )
+        reaper = Reaper(self.store, self._requeue, self.settings)
         for factory in (
             self.publisher.run,
             self._heartbeat,
             self._listen_cancellations,
             self._poll_cancellations,
+            self._watch_engine,
             reaper.run,
         ):
             self._tasks.append(asyncio.create_task(self._forever(factory)))
@@ -125,11 +147,7 @@ class WorkerRuntime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.redis is not None:
-            try:
-                await self.redis.zrem(keys.WORKERS, self.worker_id)
-                await self.redis.delete(keys.worker(self.worker_id))
-            except RedisError:
-                pass
+            await self._unregister()
             await self.redis.aclose()
         await self.engine.shutdown()
 
@@ -153,19 +171,33 @@ class WorkerRuntime:
         bundle = keys.tokenizer_bundle(self.card.tokenizer_digest)
         # The tokenizer files are megabytes: written only when missing (first start, Redis restart).
         have_bundle = await self.redis.exists(bundle)
+        now = time.time()
         async with self.redis.pipeline(transaction=True) as pipe:
             if not have_bundle:
-                pipe.hset(bundle, mapping=self._tokenizer_files)  # type: ignore[arg-type]
+                pipe.hset(bundle, mapping=self._tokenizer_files)
             pipe.expire(bundle, s.job_ttl_seconds)
             pipe.set(keys.model_card(s.model_name), self.card.model_dump_json(), ex=s.job_ttl_seconds)
             pipe.set(keys.worker(self.worker_id), info.model_dump_json(), ex=ttl)
-            pipe.zadd(keys.WORKERS, {self.worker_id: time.time()})
+            pipe.zadd(keys.WORKERS, {self.worker_id: now})
+            pipe.hset(keys.MODELS_SEEN, s.model_name, now)
             await pipe.execute()
 
+    async def _unregister(self) -> None:
+        try:
+            await self.redis.zrem(keys.WORKERS, self.worker_id)
+            await self.redis.delete(keys.worker(self.worker_id))
+        except (RedisError, OSError):
+            pass
+
     async def _heartbeat(self) -> None:
-        while True:
+        """Refresh the registration and the leases of the jobs this worker runs."""
+        assert self.store is not None
+        while not self.dead:
             try:
                 await self._register()
+                lost = await self.store.renew(self.worker_id, dict(self._inflight), self.settings.lease_seconds)
+                for job_id in lost:
+                    self._on_lost(job_id)
             except (RedisError, OSError) as exc:
                 # Redis is away: register again as soon as it is back, so the API sees
                 # this worker (and its model) at once after a Redis restart.
@@ -194,6 +226,39 @@ class WorkerRuntime:
             except RedisError as exc:
                 log.warning("cancel poll failed: %s", exc)
 
+    async def _watch_engine(self) -> None:
+        while not self.engine.alive():
+            await asyncio.sleep(0.5)
+        while self.engine.alive():
+            await asyncio.sleep(1.0)
+        await self.die("the engine died")
+
+    async def die(self, why: str) -> None:
+        """Fail fast: stop taking jobs, give back the ones held, unregister, exit."""
+        if self.dead:
+            return
+        self.dead = True
+        log.critical("%s: giving back %d job(s) and exiting", why, len(self._inflight))
+        held = dict(self._inflight)
+        self._inflight.clear()  # no more lease renewals for them
+        for job_id, attempt in held.items():
+            await self._release(job_id, attempt)
+        await self._unregister()
+        logging.shutdown()
+        self._on_fatal(EXIT_ENGINE_DEAD)
+
+    async def _release(self, job_id: str, attempt: int) -> None:
+        """Give a job back to the queue and send its message again. If Redis cannot be
+        reached, its lease lapses and the reaper does it."""
+        assert self.store is not None
+        try:
+            record = await self.store.get(job_id)
+            if record is not None and await self.store.release(job_id, attempt, self.worker_id):
+                log.warning("job %s (attempt %d) given back to the queue", job_id, attempt)
+                await self._requeue(job_id, record.model, priority_of(record))
+        except (RedisError, OSError, ServiceError) as exc:
+            log.warning("could not give job %s back (%s); its lease will lapse", job_id, exc)
+
     async def _abort(self, job_id: str) -> None:
         if job_id in self._inflight and job_id not in self._cancelled:
             log.info("cancelling %s", job_id)
@@ -202,12 +267,35 @@ class WorkerRuntime:
 
     async def _run_job(self, job_id: str) -> dict[str, Any]:
         assert self.store is not None and self.publisher is not None
-        claimed = await self.store.claim(job_id, self.worker_id)
+        if self.dead:
+            return {"status": "refused", "started": False}
+        claimed = await self.store.claim(job_id, self.worker_id, new_claim_token(), self.settings.lease_seconds)
         if isinstance(claimed, str):
-            # Cancelled while queued, already run (a redelivered message), or expired.
+            # Cancelled while queued, already run or running (a duplicate message), or expired.
             log.info("job %s not started: %s", job_id, claimed)
             return {"status": claimed, "started": False}
         attempt = claimed
+        # From here on, every way out ends the job or gives it back.
+        self._inflight[job_id] = attempt
+        outcome: dict[str, Any] | None = None
+        try:
+            outcome = await self._attempt(job_id, attempt)
+            return outcome or {"status": "released", "attempt": attempt}
+        finally:
+            self._inflight.pop(job_id, None)
+            self._cancelled.discard(job_id)
+            lost = job_id in self._lost
+            self._lost.discard(job_id)
+            if outcome is None or lost:
+                # An error before the end was written, or the job went astray (its log
+                # shorter than what was sent: Redis lost writes). Give it back: a new
+                # attempt continues from what the log holds. Refused if it is not ours.
+                self.publisher.forget(job_id)
+                await self._release(job_id, attempt)
+
+    async def _attempt(self, job_id: str, attempt: int) -> dict[str, Any] | None:
+        """Run a claimed attempt; its outcome, or None if it lost the job on the way."""
+        assert self.store is not None and self.publisher is not None
         record = await self.store.get(job_id)
         if record is None or record.request is None:
             return {"status": "missing"}
@@ -216,7 +304,6 @@ class WorkerRuntime:
         texts = {i: list(t) for i, t in plan.texts.items()}
         tokens = dict(plan.tokens)
         finish: dict[int, str] = dict(plan.finished)
-        self._inflight[job_id] = attempt
         try:
             if plan.sampling.max_tokens > 0 and not plan.finished:
                 async for deltas in self.engine.generate(job_id, plan.prompt_token_ids, plan.sampling):
@@ -230,29 +317,43 @@ class WorkerRuntime:
                 finish[0] = "length"
                 self.publisher.delta(job_id, attempt, [ChoiceDelta(index=0, finish_reason="length")])
         except Exception as exc:
-            error = (
-                InvalidRequestError(str(exc))
-                if isinstance(exc, EngineRequestError)
-                else exc
-                if isinstance(exc, ServiceError)
-                else EngineError(f"generation failed: {exc}")
-            )
-            if not isinstance(exc, EngineRequestError):
-                log.exception("job %s failed", job_id)
-            fields = {"status": JobStatus.failed.value, "finished": time.time(), "error": error.to_dict()["error"]}
-            await self.publisher.finish(
-                job_id, attempt, "error", error=error.to_dict(), fields=fields, batch=record.batch
-            )
-            return {"status": "failed", "error": error.message}
-        finally:
-            self._inflight.pop(job_id, None)
+            if not self.engine.alive():
+                # Not the job's fault: give it back (the finally in _run_job) and go.
+                self.loop.create_task(self.die(f"the engine died running {job_id}"))
+                return None
+            return await self._fail(record, attempt, exc)
         if job_id in self._lost:
-            self._lost.discard(job_id)
-            self._cancelled.discard(job_id)
-            self.publisher.forget(job_id)
-            return {"status": "lost", "attempt": attempt}
+            return None
+        return await self._complete(record, attempt, texts, tokens, finish)
+
+    async def _fail(self, record: JobRecord, attempt: int, exc: Exception) -> dict[str, Any]:
+        assert self.publisher is not None
+        error = (
+            InvalidRequestError(str(exc))
+            if isinstance(exc, EngineRequestError)
+            else exc
+            if isinstance(exc, ServiceError)
+            else EngineError(f"generation failed: {exc}")
+        )
+        if not isinstance(exc, EngineRequestError):
+            log.exception("job %s failed", record.id)
+        fields = {"status": JobStatus.failed.value, "finished": time.time(), "error": error.to_dict()["error"]}
+        owned = await self.publisher.finish(
+            record.id, attempt, "error", error=error.to_dict(), fields=fields, batch=record.batch
+        )
+        return {"status": "failed" if owned else "lost", "error": error.message}
+
+    async def _complete(
+        self,
+        record: JobRecord,
+        attempt: int,
+        texts: dict[int, list[str]],
+        tokens: dict[int, int],
+        finish: dict[int, str],
+    ) -> dict[str, Any] | None:
+        assert self.publisher is not None and record.request is not None
+        job_id = record.id
         cancelled = job_id in self._cancelled
-        self._cancelled.discard(job_id)
         prompt = len(record.request.prompt_token_ids)
         completion = sum(tokens.values())
         usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
@@ -270,15 +371,18 @@ class WorkerRuntime:
             "result": result.model_dump(),
         }
         owned = await self.publisher.finish(job_id, attempt, "done", usage=usage, fields=fields, batch=record.batch)
+        if not owned:
+            return None
         return {
-            "status": status.value if owned else "lost",
+            "status": status.value,
             "attempt": attempt,
             "finish_reasons": [finish.get(i) for i in sorted(finish)],
             "usage": usage.model_dump(),
         }
 
     def _on_lost(self, job_id: str) -> None:
-        """Another attempt owns the job now (or its record is gone): stop generating."""
+        """The job is no longer ours (another attempt, or the reaper, has it), or its log
+        is not where we left it: stop generating."""
         if job_id in self._inflight and job_id not in self._lost:
             log.warning("job %s is no longer ours; aborting it", job_id)
             self._lost.add(job_id)

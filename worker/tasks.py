@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.exceptions import Reject
+
 from common import keys
 from worker.celery_app import app, get_runtime
 
@@ -11,4 +13,8 @@ from worker.celery_app import app, get_runtime
 @app.task(name=keys.CHAT_TASK)
 def chat_completion(job_id: str) -> dict[str, Any]:
     """Run one chat completion job; its tokens go out over pub/sub, not as the result."""
-    return get_runtime().run_job(job_id)
+    runtime = get_runtime()
+    if runtime.dead:
+        # Leaving: the message goes back to the queue for another worker.
+        raise Reject("this worker's engine is dead", requeue=True)
+    return runtime.run_job(job_id)

@@ -124,6 +124,9 @@ class VllmEngine:
             # vLLM validates the prompt against the context length, etc.
             raise EngineRequestError(str(exc)) from exc
 
+    def alive(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
     async def abort(self, request_id: str) -> None:
         if self.llm is not None:
             await self.llm.abort(request_id)

@@ -4,33 +4,30 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 
-from api.batches import BatchCreate, BatchService
+from api.batches.service import BatchCreate
+from api.deps import BatchesDep
 from common.batches import BatchObject
 
 router = APIRouter()
 
 
-def _batches(request: Request) -> BatchService:
-    return request.app.state.batches  # type: ignore[no-any-return]
-
-
 @router.post("/v1/batches")
-async def create_batch(request: Request, body: BatchCreate) -> BatchObject:
-    return await _batches(request).create(body)
+async def create_batch(body: BatchCreate, batches: BatchesDep) -> BatchObject:
+    return await batches.create(body)
 
 
 @router.get("/v1/batches/{batch_id}")
-async def retrieve_batch(request: Request, batch_id: str) -> BatchObject:
-    return await _batches(request).get(batch_id)
+async def retrieve_batch(batch_id: str, batches: BatchesDep) -> BatchObject:
+    return await batches.get(batch_id)
 
 
 @router.get("/v1/batches")
 async def list_batches(
-    request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    batches: BatchesDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict[str, Any]:
-    data = await _batches(request).list_batches(after, limit + 1)
+    data = await batches.list_batches(after, limit + 1)
     page = data[:limit]
     return {
         "object": "list",
@@ -42,5 +39,5 @@ async def list_batches(
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
-async def cancel_batch(request: Request, batch_id: str) -> BatchObject:
-    return await _batches(request).cancel(batch_id)
+async def cancel_batch(batch_id: str, batches: BatchesDep) -> BatchObject:
+    return await batches.cancel(batch_id)

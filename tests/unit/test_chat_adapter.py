@@ -6,10 +6,9 @@ import asyncio
 import json
 
 import pytest
-import redis.asyncio as aioredis
 from sse_starlette import ServerSentEvent
 
-from api.chat import ChatService, JobView, resolve_max_tokens, sampling_from_request
+from api.endpoints.chat import ChatAdapter, JobView, resolve_max_tokens, sampling_from_request
 from api.relay import StreamClosed, Subscription
 from common.errors import ContextLengthError, InvalidRequestError
 from common.jobs import ChoiceDelta, ChunkEvent
@@ -44,12 +43,10 @@ def test_sampling_spec_takes_what_was_given():
         sampling_from_request(req(min_tokens=9), max_tokens=5)
 
 
-class ScriptedService(ChatService):
-    """ChatService whose job events come from a list instead of Redis."""
+class ScriptedPipeline:
+    """The job pipeline's reading side, with the job's events from a list instead of Redis."""
 
     def __init__(self, events):
-        # An unconnected client: nothing here talks to Redis.
-        super().__init__(Settings(), redis=aioredis.Redis(), relay=None, catalog=None, queue=None)  # type: ignore[arg-type]
         self.events = events
         self.cancelled = []
 
@@ -62,6 +59,17 @@ class ScriptedService(ChatService):
 
     async def cancel(self, job_id, quiet=False):
         self.cancelled.append(job_id)
+        return "in_progress"
+
+
+class ScriptedService(ChatAdapter):
+    def __init__(self, events):
+        self.scripted = ScriptedPipeline(events)
+        super().__init__(Settings(), pipeline=self.scripted, catalog=None)  # type: ignore[arg-type]
+
+    @property
+    def cancelled(self):
+        return self.scripted.cancelled
 
 
 def view(n=1, include_usage=False):

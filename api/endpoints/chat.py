@@ -1,66 +1,38 @@
-"""ChatService: turns a chat request into a queued job, and a job's events into OpenAI
-responses: a `chat.completion`, a stream of `chat.completion.chunk`s (live or resumed
-from any point), or the job's state.
-
-Reading a job (`follow`) combines the live channel with the job's replay log: it
-subscribes first, then replays from the log what the reader has not seen, then follows
-the channel, dropping what it already delivered and filling any gap from the log. So a
-late or reconnecting reader, or one whose events were dropped by pub/sub, still gets
-every event exactly once, in order.
+"""ChatAdapter: `/v1/chat/completions` on the job pipeline. It turns a chat request into
+a job record (template, prompt tokens, sampling, limits: every client error is raised
+before anything is queued), and a job's events into OpenAI responses: a
+`chat.completion`, a stream of `chat.completion.chunk`s (live or resumed from any
+point), or the job's state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api.catalog import ModelCatalog
-from api.relay import StreamClosed, StreamRelay, Subscription
-from common import keys
-from common.errors import (
-    ContextLengthError,
-    InvalidRequestError,
-    NotFoundError,
-    ServiceError,
-    ServiceUnavailableError,
+from api.jobs.pipeline import JobConflictError, JobNotFoundError, JobPipeline
+from api.relay import StreamClosed, Subscription
+from common.errors import ContextLengthError, InvalidRequestError, ServiceError, ServiceUnavailableError
+from common.jobs import JobOptions, JobRecord, JobRequest, JobStatus, SamplingSpec, new_job_id
+from common.schemas import (
+    ChatCompletion,
+    ChatCompletionJob,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    Choice,
+    Usage,
 )
-from common.job_queue import JobQueue
-from common.jobs import (
-    ChunkEvent,
-    JobOptions,
-    JobRecord,
-    JobRequest,
-    JobStatus,
-    SamplingSpec,
-    new_job_id,
-)
-from common.jobstore import JobStore
-from common.schemas import ChatCompletionRequest, Usage
 from common.settings import Settings
 
-log = logging.getLogger(__name__)
 DONE = "[DONE]"
-# With no event for this long, a reader checks the job still exists and catches up from its log.
-IDLE_CHECK_SECONDS = 5.0
-
-
-class JobNotFoundError(NotFoundError):
-    default_code = "job_not_found"
-
-
-class JobConflictError(ServiceError):
-    status_code = 409
-    error_type = "invalid_request_error"
-    default_code = "job_not_cancellable"
 
 
 @dataclass
@@ -135,57 +107,49 @@ def chunk_json(job: JobView, choices: list[dict[str, Any]], usage: Usage | None 
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
-def job_object(record: JobRecord) -> dict[str, Any]:
-    """A job as `GET /v1/chat/completions/{id}` shows it: a `chat.completion` (choices
-    and usage once it has ended) with the job's status and times."""
-    choices = []
-    if record.result is not None:
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason,
-                "logprobs": None,
-            }
-            for c in record.result.choices
-        ]
-    return {
-        "id": record.id,
-        "object": "chat.completion",
-        "created": int(record.created),
-        "model": record.model,
-        "status": record.status.value,
-        "background": record.options.background,
-        "attempt": record.attempt,
-        "started_at": int(record.started) if record.started else None,
-        "finished_at": int(record.finished) if record.finished else None,
-        "choices": choices,
-        "usage": record.usage.model_dump() if record.usage else None,
-        "error": record.error,
-    }
+def _choices(record: JobRecord) -> list[Choice]:
+    if record.result is None:
+        return []
+    return [
+        Choice(
+            index=c.index,
+            message=ChatCompletionMessage(content=c.text),
+            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+        )
+        for c in record.result.choices
+    ]
 
 
-JOB_ONLY_FIELDS = ("status", "background", "attempt", "started_at", "finished_at", "error")
+def job_object(record: JobRecord) -> ChatCompletionJob:
+    """A job as `GET /v1/chat/completions/{id}` shows it."""
+    return ChatCompletionJob(
+        id=record.id,
+        created=int(record.created),
+        model=record.model,
+        status=record.status.value,  # type: ignore[arg-type]
+        background=record.options.background,
+        attempt=record.attempt,
+        started_at=int(record.started) if record.started else None,
+        finished_at=int(record.finished) if record.finished else None,
+        choices=_choices(record),
+        usage=record.usage,
+        error=record.error,
+    )
 
 
-def completion_object(record: JobRecord) -> dict[str, Any]:
-    """An ended job as a plain `chat.completion` (without the job's own fields)."""
-    body = job_object(record)
-    for name in JOB_ONLY_FIELDS:
-        body.pop(name)
-    return body
+def completion_object(record: JobRecord) -> ChatCompletion:
+    """An ended job as a plain `chat.completion`."""
+    usage = record.usage or Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+    return ChatCompletion(
+        id=record.id, created=int(record.created), model=record.model, choices=_choices(record), usage=usage
+    )
 
 
-class ChatService:
-    def __init__(
-        self, settings: Settings, redis: aioredis.Redis, relay: StreamRelay, catalog: ModelCatalog, queue: JobQueue
-    ):
+class ChatAdapter:
+    def __init__(self, settings: Settings, pipeline: JobPipeline, catalog: ModelCatalog):
         self.settings = settings
-        self.redis = redis
-        self.store = JobStore(redis, settings.job_ttl_seconds)
-        self.relay = relay
+        self.pipeline = pipeline
         self.catalog = catalog
-        self.queue = queue
 
     # -- creating ---------------------------------------------------------------------
 
@@ -202,7 +166,6 @@ class ChatService:
         prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
         max_tokens = resolve_max_tokens(req, len(prompt_ids), card.max_model_len)
         sampling = sampling_from_request(req, max_tokens)
-
         return JobRecord(
             id=job_id or new_job_id(),
             model=req.model,
@@ -211,84 +174,24 @@ class ChatService:
         )
 
     async def submit(self, req: ChatCompletionRequest) -> tuple[JobView, Subscription | None]:
-        """Validate, record and queue a request, raising every client error before anything
-        is queued. Unless it runs in the background, the job's channel is already subscribed
-        when the job is queued (so no first events are missed)."""
+        """Validate, record and queue a request. Unless it runs in the background
+        without a stream, its channel is already subscribed when it is queued."""
         record = await self.prepare(req)
         view = JobView(record.id, req.model, int(record.created), req.n, req.include_usage, req.background)
-        subscription = None
-        if req.stream or not req.background:
-            subscription = await self.relay.subscribe(keys.job_channel(record.id))
-        try:
-            await self.store.create(record)
-            await self.queue.submit(record.id, req.model)
-        except BaseException as exc:
-            if subscription is not None:
-                await self.relay.unsubscribe(subscription)
-            if isinstance(exc, RedisError):
-                raise ServiceUnavailableError("cannot reach Redis") from exc
-            raise
+        subscription = await self.pipeline.submit(record, follow=req.stream or not req.background)
         return view, subscription
 
     # -- reading ----------------------------------------------------------------------
 
     async def view(self, job_id: str) -> tuple[JobView, JobRecord]:
-        record = await self.store.get(job_id)
-        if record is None:
-            raise JobNotFoundError(f"No chat completion job found with id '{job_id}'.", param="completion_id")
+        try:
+            record = await self.pipeline.get(job_id)
+        except JobNotFoundError:
+            raise JobNotFoundError(f"No chat completion job found with id '{job_id}'.", param="completion_id") from None
         n = record.request.sampling.n if record.request else 1
         return JobView(
             record.id, record.model, int(record.created), n, record.options.include_usage, record.options.background
         ), record
-
-    async def follow(
-        self, job_id: str, after: int = -1, subscription: Subscription | None = None
-    ) -> AsyncIterator[ChunkEvent]:
-        """Every event of the job after seq `after`, each once and in order, up to and
-        including its last (`done` or `error`)."""
-        channel = keys.job_channel(job_id)
-        sub = subscription or await self.relay.subscribe(channel)
-        next_seq = after + 1
-        try:
-            while True:
-                # Catch up from the replay log.
-                for event in await self.store.log(job_id, next_seq):
-                    yield event
-                    next_seq = event.seq + 1
-                    if event.kind != "delta":
-                        return
-                # Then follow the channel until it has nothing (gap, interruption, silence).
-                while True:
-                    try:
-                        # asyncio.timeout, not wait_for: no extra task per event on the token path.
-                        async with asyncio.timeout(IDLE_CHECK_SECONDS):
-                            event = await sub.get()
-                    except TimeoutError:
-                        if not await self.redis.exists(keys.job(job_id)):
-                            raise StreamClosed(
-                                "the job no longer exists (expired, or Redis lost it)", code="job_lost"
-                            ) from None
-                        break
-                    except StreamClosed as exc:
-                        if exc.code == "slow_consumer":
-                            raise
-                        # The shared connection dropped: listen again, then catch up from the log.
-                        sub = await self.relay.subscribe(channel)
-                        if not await self.redis.exists(keys.job(job_id)):
-                            raise StreamClosed(
-                                "the stream was cut: Redis lost the job", code="stream_interrupted"
-                            ) from exc
-                        break
-                    if event.seq < next_seq:
-                        continue
-                    if event.seq > next_seq:
-                        break  # missed some: the log has them
-                    yield event
-                    next_seq += 1
-                    if event.kind != "delta":
-                        return
-        finally:
-            await self._unsubscribe(sub)
 
     async def stream(
         self,
@@ -296,9 +199,12 @@ class ChatService:
         subscription: Subscription | None = None,
         after: int = -1,
         cancel_on_disconnect: bool = False,
+        shutdown: anyio.Event | None = None,
     ) -> AsyncIterator[dict[str, str]]:
         """SSE events (`data`, `id`) ending with `[DONE]`. Each event's `id` is the job
-        event's seq, so `Last-Event-ID` resumes exactly after it."""
+        event's seq, so `Last-Event-ID` resumes exactly after it. Leaving an ordinary
+        stream cancels its job; a server shutting down (`shutdown` set) does not: the
+        client resumes on another API process."""
         finished = False
         try:
             if after < 0:
@@ -311,7 +217,7 @@ class ChatService:
                 }
             sent_content_in: int | None = None  # the attempt whose text the client has
             try:
-                async for event in self.follow(job.id, after, subscription):
+                async for event in self.pipeline.follow(job.id, after, subscription):
                     if event.kind == "delta":
                         if job.n > 1 and sent_content_in is not None and event.attempt != sent_content_in:
                             raise StreamClosed(
@@ -359,18 +265,20 @@ class ChatService:
             except RedisError:
                 finished = True
                 yield {"data": json.dumps(ServiceUnavailableError("lost the connection to Redis mid-stream").to_dict())}
+            finished = True
             yield {"data": DONE}
         finally:
-            if not finished and cancel_on_disconnect:
+            leaving = not finished and cancel_on_disconnect and not (shutdown is not None and shutdown.is_set())
+            if leaving:
                 with anyio.CancelScope(shield=True):
-                    await self.cancel(job.id, quiet=True)
+                    await self.pipeline.cancel(job.id, quiet=True)
 
-    async def collect(self, job: JobView, subscription: Subscription | None) -> dict[str, Any]:
+    async def collect(self, job: JobView, subscription: Subscription | None) -> ChatCompletion:
         """Wait for the job to end; the `chat.completion`. If the caller goes away first
         (the task is cancelled), the job is cancelled."""
         finished = False
         try:
-            async for event in self.follow(job.id, -1, subscription):
+            async for event in self.pipeline.follow(job.id, -1, subscription):
                 if event.kind == "error":
                     finished = True
                     raise ServiceError.from_dict(event.error or {})
@@ -379,49 +287,26 @@ class ChatService:
         finally:
             if not finished:
                 with anyio.CancelScope(shield=True):
-                    await self.cancel(job.id, quiet=True)
+                    await self.pipeline.cancel(job.id, quiet=True)
         _, record = await self.view(job.id)
         return completion_object(record)
 
-    async def get(self, job_id: str) -> dict[str, Any]:
+    async def get(self, job_id: str) -> ChatCompletionJob:
         _, record = await self.view(job_id)
         return job_object(record)
 
     # -- cancelling -------------------------------------------------------------------
 
-    async def cancel(self, job_id: str, quiet: bool = False) -> dict[str, Any] | None:
-        """Cancel a job: a queued one never starts; a running one is aborted by its worker
-        (announced at once, and flagged in the record in case the announcement is missed)."""
-        try:
-            before = await self.store.cancel(job_id)
-            if before == "queued":
-                record = await self.store.get(job_id)
-                if record is not None:
-                    await self.store.end_stream(record)
-            elif before == "in_progress":
-                await self.redis.publish(keys.CANCEL_CHANNEL, job_id)
-        except RedisError:
-            if quiet:
-                log.warning("could not cancel %s: Redis unreachable", job_id)
-                return None
-            raise
-        if quiet:
-            return None
+    async def cancel(self, job_id: str) -> ChatCompletionJob:
+        """Cancel a job and answer with it (a running one ends within an engine step or two)."""
+        before = await self.pipeline.cancel(job_id)
         if before == "missing":
             raise JobNotFoundError(f"No chat completion job found with id '{job_id}'.", param="completion_id")
         if before in (JobStatus.completed.value, JobStatus.failed.value):
             raise JobConflictError(f"Job '{job_id}' has already ended ({before}); it cannot be cancelled.")
-        # A running job ends within an engine step or two; answer with its final state.
         deadline = time.monotonic() + 3.0
-        record = None
-        while time.monotonic() < deadline:
-            _, record = await self.view(job_id)
-            if record.status.terminal:
-                break
+        _, record = await self.view(job_id)
+        while not record.status.terminal and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert record is not None
+            _, record = await self.view(job_id)
         return job_object(record)
-
-    async def _unsubscribe(self, sub: Subscription) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.relay.unsubscribe(sub)

@@ -1,0 +1,76 @@
+"""A batch's input file: checked as a whole before anything runs, then read line by line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from common.batches import BatchError
+
+ENDPOINT = "/v1/chat/completions"
+WINDOW_SECONDS = {"24h": 24 * 3600}
+
+
+class InputLine(BaseModel):
+    custom_id: str = Field(min_length=1)
+    method: str
+    url: str
+    body: dict[str, Any]
+
+
+def scan_input(path: Path, max_lines: int, max_bytes: int) -> tuple[int, list[BatchError]]:
+    """Check a batch input file as a whole: size, JSONL, line shape, unique custom_ids.
+    Returns (line count, errors)."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        return 0, [BatchError(code="file_too_large", message=f"the input file is {size} bytes; at most {max_bytes}")]
+    errors: list[BatchError] = []
+    seen: set[str] = set()
+    count = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            count += 1
+            if count > max_lines:
+                errors.append(
+                    BatchError(code="too_many_lines", message=f"the input has more than {max_lines} lines", line=number)
+                )
+                break
+            try:
+                line = InputLine.model_validate_json(raw)
+            except ValidationError as exc:
+                kind = "invalid_json_line" if exc.errors()[0]["type"] == "json_invalid" else "invalid_request"
+                errors.append(BatchError(code=kind, message=f"line {number}: {exc.errors()[0]['msg']}", line=number))
+            else:
+                if line.method != "POST":
+                    errors.append(BatchError(code="invalid_method", message="method must be POST", line=number))
+                if line.url != ENDPOINT:
+                    errors.append(BatchError(code="invalid_url", message=f"url must be {ENDPOINT}", line=number))
+                if line.custom_id in seen:
+                    errors.append(
+                        BatchError(
+                            code="duplicate_custom_id", message=f"duplicate custom_id {line.custom_id!r}", line=number
+                        )
+                    )
+                seen.add(line.custom_id)
+            if len(errors) >= 100:
+                break
+    if count == 0 and not errors:
+        errors.append(BatchError(code="empty_file", message="the input file has no requests"))
+    return count, errors
+
+
+def iter_lines(path: Path, start: int = 0) -> Iterator[tuple[int, InputLine]]:
+    """(index, line) of the request lines from `start` on (blank lines do not count)."""
+    index = -1
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            index += 1
+            if index >= start:
+                yield index, InputLine.model_validate_json(raw)

@@ -1,0 +1,84 @@
+"""A batch's output and error files, written once at the end from the job records, in
+input order (200 records read per Redis round trip)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from api.batches.input import InputLine, iter_lines
+from api.endpoints.chat import completion_object
+from api.files import FileStore
+from common import keys
+from common.batches import BatchObject, BatchStatus
+from common.jobs import JobRecord, JobStatus
+
+
+async def write_results(redis: aioredis.Redis, files: FileStore, batch: BatchObject) -> tuple[Path, Path, int, int]:
+    """(output path, error path, lines completed, lines failed)."""
+    folder = files.folder
+    out = Path(tempfile.mkstemp(dir=folder, prefix=".out-")[1])
+    err = Path(tempfile.mkstemp(dir=folder, prefix=".err-")[1])
+    completed = failed = 0
+    path = files.path(batch.input_file_id)
+    with open(out, "w") as out_f, open(err, "w") as err_f:
+        chunk: list[tuple[int, InputLine]] = []
+        for item in iter_lines(path):
+            chunk.append(item)
+            if len(chunk) == 200:
+                c, f = await _write_chunk(redis, batch, chunk, out_f, err_f)
+                completed, failed, chunk = completed + c, failed + f, []
+        if chunk:
+            c, f = await _write_chunk(redis, batch, chunk, out_f, err_f)
+            completed, failed = completed + c, failed + f
+    return out, err, completed, failed
+
+
+async def _write_chunk(
+    redis: aioredis.Redis, batch: BatchObject, chunk: list[tuple[int, InputLine]], out_f: Any, err_f: Any
+) -> tuple[int, int]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for index, _ in chunk:
+            pipe.hgetall(keys.job(keys.batch_job_id(batch.id, index)))
+        raws = await pipe.execute()
+    completed = failed = 0
+    for (index, line), raw in zip(chunk, raws, strict=True):
+        request_id = keys.batch_job_id(batch.id, index)
+        entry: dict[str, Any] = {
+            "id": f"batch_req_{request_id.removeprefix('chatcmpl-')}",
+            "custom_id": line.custom_id,
+        }
+        record = JobRecord.from_redis(raw) if raw else None
+        if record is not None and record.status == JobStatus.completed:
+            body = completion_object(record).model_dump()
+            entry |= {"response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+            out_f.write(json.dumps(entry) + "\n")
+            completed += 1
+            continue
+        if record is not None and record.status == JobStatus.failed and record.error:
+            status = int(record.error.get("status_code", 500))
+            error = {k: v for k, v in record.error.items() if k != "status_code"}
+            entry |= {
+                "response": {"status_code": status, "request_id": request_id, "body": {"error": error}},
+                "error": None,
+            }
+        else:
+            code = (
+                "batch_expired"
+                if batch.status == BatchStatus.expired or (batch.expires_at or 0) < time.time()
+                else "batch_cancelled"
+            )
+            message = (
+                "the batch expired before this request ran"
+                if code == "batch_expired"
+                else "the batch was cancelled before this request ran"
+            )
+            entry |= {"response": None, "error": {"code": code, "message": message}}
+        err_f.write(json.dumps(entry) + "\n")
+        failed += 1
+    return completed, failed

@@ -1,0 +1,349 @@
+"""BatchRunner: drives each batch through validating -> in_progress -> finalizing ->
+completed (or cancelling -> cancelled, or expired), from any API process.
+
+Lines run as ordinary jobs through the job pipeline, queued at a lower broker priority.
+A line is handed out only once it holds a batch slot of its model: one atomic
+reservation against `BATCH_SLOT_SHARE` of that model's live worker slots, shared by all
+batches and API processes, so batches together never take the share interactive chat
+keeps. A line's slot is freed by the same script that ends its job. The runner sleeps
+until a line ends (the job core announces it on `BATCH_PROGRESS`) or a client acts,
+rather than polling.
+
+A batch's state lives in Redis (record, `dispatched` high-water mark, per-status sets
+of ended lines, deterministic job ids per line), so any API process can pick it up
+after a restart; a lock lets one drive it at a time. Output and error files are
+written once, at the end, from the job records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
+
+from api.batches.input import InputLine, iter_lines, scan_input
+from api.batches.records import read_batch, set_fields
+from api.batches.results import write_results
+from api.endpoints.chat import ChatAdapter
+from api.files import FileStore
+from api.jobs.pipeline import JobPipeline
+from common import keys
+from common.batches import BatchErrors, BatchObject, BatchStatus
+from common.errors import InvalidRequestError, ServiceError
+from common.jobs import JobRecord, JobStatus
+from common.schemas import ChatCompletionRequest
+from common.settings import Settings
+from common.workers import live_workers
+
+log = logging.getLogger(__name__)
+LOCK_SECONDS = 30
+# Lines handed out per turn before the runner looks at its batch again.
+GROUP = 64
+
+# KEYS: the model's batch slots. ARGV: capacity, job id. 1 if the line holds a slot
+# (now, or already: a retried call or a line handed out again), 0 if none is free.
+_RESERVE = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+class _Lines:
+    """A batch's remaining input lines, with one put back when it found no slot."""
+
+    def __init__(self, lines: Iterator[tuple[int, InputLine]]):
+        self._lines = lines
+        self.held: tuple[int, InputLine, JobRecord] | None = None
+        self.done = False
+
+    def next(self) -> tuple[int, InputLine] | None:
+        item = next(self._lines, None)
+        if item is None:
+            self.done = True
+        return item
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        files: FileStore,
+        chat: ChatAdapter,
+        pipeline: JobPipeline,
+    ):
+        self.settings = settings
+        self.redis = redis
+        self.files = files
+        self.chat = chat
+        self.pipeline = pipeline
+        self.owner = uuid.uuid4().hex
+        self._runners: dict[str, asyncio.Task[None]] = {}
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._reserve = redis.register_script(_RESERVE)
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def start(self, batch_id: str) -> None:
+        task = self._runners.get(batch_id)
+        if task is None or task.done():
+            self._wakeups[batch_id] = asyncio.Event()
+            self._runners[batch_id] = asyncio.create_task(self._drive(batch_id), name=f"batch-{batch_id}")
+
+    def wake(self, batch_id: str | None = None) -> None:
+        """Something changed for `batch_id` (None: for every batch, e.g. a slot freed)."""
+        for bid, event in self._wakeups.items():
+            if batch_id is None or bid == batch_id:
+                event.set()
+
+    async def supervise(self, interval: float = 5.0) -> None:
+        """Drive every unfinished batch, including those a stopped API process left, and
+        hand back the slots of lines whose jobs vanished."""
+        while True:
+            try:
+                for raw in await self.redis.smembers(keys.ACTIVE_BATCHES):
+                    batch_id = keys.text(raw)
+                    status = await self.redis.hget(keys.batch(batch_id), "status")
+                    if status is None or BatchStatus(keys.text(status)).terminal:
+                        await self.redis.srem(keys.ACTIVE_BATCHES, batch_id)
+                    else:
+                        self.start(batch_id)
+                await self.prune_slots()
+            except Exception as exc:
+                log.warning("batch supervisor: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def listen(self) -> None:
+        """Wake the runners when a batch's line ends (announced by the job core)."""
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(keys.BATCH_PROGRESS)
+                    while True:
+                        message = await pubsub.get_message(timeout=5.0)
+                        if message is not None:
+                            # A freed slot may be any batch's to take.
+                            self.wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("batch progress listener: %s; reconnecting", exc)
+                self.wake()
+                await asyncio.sleep(0.5)
+
+    async def prune_slots(self) -> None:
+        """Free slots held by lines whose job has ended or is gone (e.g. expired)."""
+        async for raw in self.redis.scan_iter(match=keys.batch_slots("*")):
+            slots = keys.text(raw)
+            members = [keys.text(m) for m in await self.redis.smembers(slots)]
+            if not members:
+                continue
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in members:
+                    pipe.hget(keys.job(job_id), "status")
+                statuses = await pipe.execute()
+            stale = [j for j, s in zip(members, statuses, strict=True) if s not in (b"queued", b"in_progress")]
+            if stale:
+                await self.redis.srem(slots, *stale)
+
+    async def stop(self) -> None:
+        for task in self._runners.values():
+            task.cancel()
+        await asyncio.gather(*self._runners.values(), return_exceptions=True)
+
+    # -- one batch ----------------------------------------------------------------------
+
+    async def _drive(self, batch_id: str) -> None:
+        lock = Lock(self.redis, keys.batch_lock(batch_id), timeout=LOCK_SECONDS, blocking=False)
+        if not await lock.acquire(token=self.owner):
+            return  # another API process drives it
+        try:
+            await self._run(batch_id, lock)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("batch %s: runner failed; it will be picked up again", batch_id)
+        finally:
+            with contextlib.suppress(Exception):
+                await lock.release()
+
+    async def _run(self, batch_id: str, lock: Lock) -> None:
+        found = await read_batch(self.redis, batch_id)
+        if found is None:
+            return
+        batch, counters = found
+        path = self.files.path(batch.input_file_id)
+        if batch.status == BatchStatus.validating:
+            total, errors = await asyncio.to_thread(
+                scan_input, path, self.settings.batch_max_lines, self.settings.batch_max_bytes
+            )
+            if errors:
+                await set_fields(
+                    self.redis,
+                    batch_id,
+                    status=BatchStatus.failed,
+                    failed_at=int(time.time()),
+                    errors=BatchErrors(data=errors),
+                )
+                await self.redis.srem(keys.ACTIVE_BATCHES, batch_id)
+                return
+            await self.redis.hset(keys.batch(batch_id), "n_total", total)
+            await set_fields(self.redis, batch_id, status=BatchStatus.in_progress, in_progress_at=int(time.time()))
+            batch, counters = (await read_batch(self.redis, batch_id)) or (batch, counters)
+        lines = _Lines(iter_lines(path, counters["dispatched"]))
+        wakeup = self._wakeups.setdefault(batch_id, asyncio.Event())
+        while True:
+            wakeup.clear()
+            try:
+                await lock.reacquire()
+            except LockError:
+                log.warning("batch %s: lost its lock; leaving it to the process that holds it", batch_id)
+                return
+            found = await read_batch(self.redis, batch_id)
+            if found is None:
+                return
+            batch, counters = found
+            ended = counters["completed"] + counters["failed"] + counters["cancelled"]
+            stopping = batch.status == BatchStatus.cancelling or (
+                batch.expires_at is not None and time.time() > batch.expires_at
+            )
+            if stopping:
+                await self._stop_lines(batch_id, counters)
+                if ended >= counters["dispatched"]:
+                    final = BatchStatus.cancelled if batch.status == BatchStatus.cancelling else BatchStatus.expired
+                    await self._finalize(batch_id, final)
+                    return
+            elif batch.status == BatchStatus.finalizing or (lines.done and ended >= counters["total"]):
+                await self._finalize(batch_id, BatchStatus.completed)
+                return
+            elif not lines.done:
+                if await self._dispatch(batch, lines):
+                    continue  # handed some out: look again at once
+            # Nothing to do until a line ends, a slot frees up or a client acts.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout=LOCK_SECONDS / 3)
+
+    async def _capacity(self, model: str) -> int:
+        workers = await live_workers(self.redis, self.settings.worker_ttl_seconds)
+        share = self.settings.batch_slot_share
+        return sum(max(1, int(w.slots * share)) for w in workers if w.model == model)
+
+    async def _dispatch(self, batch: BatchObject, lines: _Lines) -> bool:
+        """Hand out up to GROUP lines, each once it holds a slot; True if any went out."""
+        capacity: dict[str, int] = {}
+        handed = 0
+        while handed < GROUP:
+            if lines.held is not None:
+                index, line, record = lines.held
+                lines.held = None
+            else:
+                item = lines.next()
+                if item is None:
+                    break
+                index, line = item
+                prepared = await self._prepare(batch, index, line)
+                if prepared is None:
+                    await self._mark_dispatched(batch.id, index)
+                    handed += 1
+                    continue
+                record = prepared
+            if record.model not in capacity:
+                capacity[record.model] = await self._capacity(record.model)
+            slots = keys.batch_slots(record.model)
+            if not await self._reserve(keys=[slots], args=[capacity[record.model], record.id]):
+                lines.held = (index, line, record)
+                break
+            await self._submit(record)
+            await self._mark_dispatched(batch.id, index)
+            handed += 1
+        return handed > 0
+
+    async def _prepare(self, batch: BatchObject, index: int, line: InputLine) -> JobRecord | None:
+        """The line's job record, or None when the line is invalid (then recorded as a
+        failed line at once)."""
+        job_id = keys.batch_job_id(batch.id, index)
+        try:
+            req = ChatCompletionRequest.model_validate({**line.body, "stream": False})
+            record = await self.chat.prepare(req, job_id=job_id)
+        except (ValidationError, ServiceError) as exc:
+            error = (
+                InvalidRequestError(str(exc.errors()[0]["msg"]), param=".".join(map(str, exc.errors()[0]["loc"])))
+                if isinstance(exc, ValidationError)
+                else exc
+            )
+            failed = JobRecord(id=job_id, model=str(line.body.get("model", "")), status=JobStatus.failed)
+            failed.error = error.to_dict()["error"] | {"status_code": error.status_code}
+            failed.finished = time.time()
+            self._line(failed, batch, line)
+            await self.pipeline.store.create(failed, ttl=self._ttl())
+            await self.redis.sadd(keys.batch_ended(batch.id, JobStatus.failed.value), job_id)
+            return None
+        self._line(record, batch, line)
+        return record
+
+    def _line(self, record: JobRecord, batch: BatchObject, line: InputLine) -> None:
+        record.batch, record.custom_id = batch.id, line.custom_id
+        record.options.background = True
+        # A line waits for a slot, not for the queue: it may start any time before the batch expires.
+        record.deadline = float(batch.expires_at) if batch.expires_at else None
+
+    def _ttl(self) -> int:
+        # A batch's records outlive its window, so results can be written at the end.
+        return max(self.settings.job_ttl_seconds, 2 * 24 * 3600)
+
+    async def _submit(self, record: JobRecord) -> None:
+        created = await self.pipeline.enqueue(record, keys.BATCH_PRIORITY, ttl=self._ttl())
+        if not created:
+            # Handed out before a restart: if it has ended meanwhile, it holds no slot.
+            status = await self.pipeline.store.status(record.id)
+            if status is not None and status.terminal:
+                await self.redis.srem(keys.batch_slots(record.model), record.id)
+
+    async def _mark_dispatched(self, batch_id: str, index: int) -> None:
+        # A high-water mark (set, not incremented): writing it twice is harmless.
+        await self.redis.hset(keys.batch(batch_id), "n_dispatched", index + 1)
+
+    async def _stop_lines(self, batch_id: str, counters: dict[str, int]) -> None:
+        """Cancel the lines handed out that have not ended; the rest are never handed out."""
+        for index in range(counters["dispatched"]):
+            await self.pipeline.cancel(keys.batch_job_id(batch_id, index), quiet=True)
+
+    async def _finalize(self, batch_id: str, final: BatchStatus) -> None:
+        """Write the output and error files and end the batch. Safe to repeat after a
+        crash: the files are written anew and only the last set is recorded."""
+        if final == BatchStatus.completed:
+            await set_fields(self.redis, batch_id, status=BatchStatus.finalizing, finalizing_at=int(time.time()))
+        found = await read_batch(self.redis, batch_id)
+        if found is None:
+            return
+        batch, _ = found
+        out_path, err_path, completed, failed = await write_results(self.redis, self.files, batch)
+        fields: dict[str, Any] = {"status": final}
+        if completed:
+            fields["output_file_id"] = (await self.files.adopt(out_path, f"{batch_id}_output.jsonl", "batch_output")).id
+        else:
+            out_path.unlink(missing_ok=True)
+        if failed:
+            fields["error_file_id"] = (await self.files.adopt(err_path, f"{batch_id}_error.jsonl", "batch_output")).id
+        else:
+            err_path.unlink(missing_ok=True)
+        fields[{"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[final.value]] = int(
+            time.time()
+        )
+        # The final counts (lines never run count as failed), kept in the record from now on.
+        await self.redis.hset(
+            keys.batch(batch_id), mapping={"n_completed": completed, "n_failed": failed, "n_final": 1}
+        )
+        await set_fields(self.redis, batch_id, **fields)
+        await self.redis.srem(keys.ACTIVE_BATCHES, batch_id)

@@ -1,0 +1,94 @@
+"""BatchService: the Batch API's objects (create, read, list, cancel). Running a batch is
+the `BatchRunner`'s business; this only records what clients ask for and wakes it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, Field
+
+from api.batches.input import ENDPOINT, WINDOW_SECONDS
+from api.batches.records import read_batch, set_fields
+from api.batches.runner import BatchRunner
+from api.files import FileStore
+from common import keys
+from common.batches import BatchObject, BatchStatus, batch_to_redis
+from common.errors import InvalidRequestError, NotFoundError, ServiceError
+
+
+class BatchCreate(BaseModel):
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None = Field(default=None)
+
+
+class BatchNotFoundError(NotFoundError):
+    default_code = "batch_not_found"
+
+
+class BatchConflictError(ServiceError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "batch_not_cancellable"
+
+
+class BatchService:
+    def __init__(self, redis: aioredis.Redis, files: FileStore, runner: BatchRunner):
+        self.redis = redis
+        self.files = files
+        self.runner = runner
+
+    async def create(self, body: BatchCreate) -> BatchObject:
+        if body.endpoint != ENDPOINT:
+            raise InvalidRequestError(f"endpoint must be {ENDPOINT}", param="endpoint")
+        if body.completion_window not in WINDOW_SECONDS:
+            raise InvalidRequestError("completion_window must be 24h", param="completion_window")
+        if body.metadata is not None and len(body.metadata) > 16:
+            raise InvalidRequestError("metadata may have at most 16 keys", param="metadata")
+        source = await self.files.get(body.input_file_id)
+        if source.purpose != "batch":
+            raise InvalidRequestError("the input file's purpose must be 'batch'", param="input_file_id")
+        now = int(time.time())
+        batch = BatchObject(
+            id=f"batch_{uuid.uuid4().hex}",
+            endpoint=body.endpoint,
+            input_file_id=body.input_file_id,
+            completion_window=body.completion_window,
+            status=BatchStatus.validating,
+            created_at=now,
+            expires_at=now + WINDOW_SECONDS[body.completion_window],
+            metadata=body.metadata,
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.batch(batch.id), mapping=batch_to_redis(batch))  # type: ignore[arg-type]
+            pipe.zadd(keys.BATCHES, {batch.id: time.time()})
+            pipe.sadd(keys.ACTIVE_BATCHES, batch.id)
+            await pipe.execute()
+        self.runner.start(batch.id)
+        return batch
+
+    async def get(self, batch_id: str) -> BatchObject:
+        found = await read_batch(self.redis, batch_id)
+        if found is None:
+            raise BatchNotFoundError(f"No batch found with id '{batch_id}'.", param="batch_id")
+        return found[0]
+
+    async def list_batches(self, after: str | None, limit: int) -> list[BatchObject]:
+        ids = [keys.text(i) for i in await self.redis.zrange(keys.BATCHES, 0, -1, desc=True)]
+        if after is not None and after in ids:
+            ids = ids[ids.index(after) + 1 :]
+        return [await self.get(i) for i in ids[:limit]]
+
+    async def cancel(self, batch_id: str) -> BatchObject:
+        batch = await self.get(batch_id)
+        if batch.status in (BatchStatus.cancelling, BatchStatus.cancelled):
+            return batch
+        if batch.status.terminal:
+            raise BatchConflictError(f"Batch '{batch_id}' has already ended ({batch.status.value}).")
+        await set_fields(self.redis, batch_id, status=BatchStatus.cancelling, cancelling_at=int(time.time()))
+        self.runner.start(batch_id)
+        self.runner.wake(batch_id)
+        return await self.get(batch_id)
