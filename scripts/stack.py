@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -63,6 +64,13 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     python: str = sys.executable
+    # Redis with append-only persistence (fsync on every write), so a restarted Redis keeps
+    # its jobs. Its data lives in `log_dir`/redis-data (or var/redis-<port>-aof).
+    redis_persist: bool = False
+    # Every API process by name, on its own port; "api" is the one on `api_port`.
+    api_ports: dict[str, int] = field(default_factory=dict)
+    # How each worker was started (its extra environment), so `restart` can start it again.
+    worker_envs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def redis_url(self) -> str:
@@ -71,6 +79,19 @@ class Stack:
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    def url_of(self, name: str = "api") -> str:
+        """The base URL of the API process called `name` (`start_api(name)`)."""
+        port = self.api_port if name == "api" else self.api_ports[name]
+        return f"http://127.0.0.1:{port}"
+
+    @property
+    def redis_data_dir(self) -> Path:
+        if not self.redis_persist:
+            return ROOT / "var" / f"redis-{self.redis_port}"
+        if self.log_dir is not None:
+            return self.log_dir / "redis-data"
+        return ROOT / "var" / f"redis-{self.redis_port}-aof"
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -98,14 +119,18 @@ class Stack:
         )
         proc = Proc(name, popen, out)
         self.procs.append(proc)
+        print(f"started {name} (pid {popen.pid})", flush=True)
         return proc
 
     def start_redis(self) -> None:
         if redis_answers(self.redis_port):
             print(f"using the Redis server already on port {self.redis_port}", flush=True)
             return
-        data = ROOT / "var" / f"redis-{self.redis_port}"
+        data = self.redis_data_dir
         data.mkdir(parents=True, exist_ok=True)
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"] if self.redis_persist else ["--appendonly", "no"]
+        )
         self.spawn(
             "redis",
             [
@@ -116,8 +141,7 @@ class Stack:
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *persistence,
                 "--dir",
                 str(data),
             ],
@@ -144,11 +168,19 @@ class Stack:
         ]
         if env_args:
             args = ["env", *env_args, *args]
+        self.worker_envs[name] = dict(extra_env or {})
         return self.spawn(name, args)
 
-    def start_api(self) -> Proc:
+    def start_api(self, name: str = "api", port: int | None = None) -> Proc:
+        """An API process; "api" listens on `api_port`, any other name on `port` (a free one
+        by default, kept for its restarts)."""
+        if port is None:
+            port = self.api_port if name == "api" else self.api_ports.get(name) or free_port()
+        elif name == "api":
+            self.api_port = port
+        self.api_ports[name] = port
         return self.spawn(
-            "api",
+            name,
             [
                 self.python,
                 "-m",
@@ -157,7 +189,7 @@ class Stack:
                 "--host",
                 "0.0.0.0",
                 "--port",
-                str(self.api_port),
+                str(port),
                 "--log-level",
                 "warning",
             ],
@@ -179,22 +211,22 @@ class Stack:
             ],
         )
 
-    def health(self) -> dict | None:
+    def health(self, api: str = "api") -> dict | None:
         try:
-            with urllib.request.urlopen(self.api_url + "/health", timeout=2) as resp:
+            with urllib.request.urlopen(self.url_of(api) + "/health", timeout=2) as resp:
                 return json.loads(resp.read())
         except (OSError, ValueError):
             return None
 
-    def wait_ready(self, model: str, workers: int = 1, timeout: float = 600) -> None:
-        """Until the API answers and `model` has a live worker."""
+    def wait_ready(self, model: str, workers: int = 1, timeout: float = 600, api: str = "api") -> None:
+        """Until the API (`api`: its name) answers and `model` has a live worker."""
 
         def ready() -> bool:
             self.check_alive()
-            h = self.health()
+            h = self.health(api)
             return bool(h and model in h.get("ready_models", []))
 
-        self._wait(ready, timeout, f"API with a live worker for {model}")
+        self._wait(ready, timeout, f"API {api} with a live worker for {model}")
 
     def check_alive(self) -> None:
         for p in self.procs:
@@ -240,21 +272,125 @@ class Stack:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.popen.pid, signal.SIGKILL)
         proc.popen.wait(10)
+        if proc.log:
+            proc.log.close()
 
-    def restart(self, name: str) -> None:
-        """Stop a service and start it again on the same port (redis or api)."""
-        self.stop_proc(self.proc(name))
+    def restart(self, name: str, sig: int = signal.SIGTERM) -> Proc | None:
+        """Stop a service and start it again: redis (same port, and its data when
+        persistent), any API (same port) or any worker started here (same name and
+        environment). `sig`: SIGTERM stops it in order, SIGKILL crashes it."""
+        if name != "redis" and name not in self.api_ports and name not in self.worker_envs:
+            raise ValueError(name)
+        if sig == signal.SIGKILL:
+            self.kill(name)
+        else:
+            self.stop_proc(self.proc(name), sig)
         if name == "redis":
             self.start_redis()
-        elif name == "api":
-            self.start_api()
-        else:
-            raise ValueError(name)
+            return None
+        if name in self.api_ports:
+            return self.start_api(name, self.api_ports[name])
+        return self.start_worker(name, self.worker_envs[name])
+
+    def running(self, prefix: str = "") -> list[str]:
+        """Names of the services started here that still run (those starting with `prefix`)."""
+        return [p.name for p in self.procs if p.name.startswith(prefix) and p.popen.poll() is None]
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
             self.stop_proc(proc)
         self.procs.clear()
+
+
+# A service that exits on its own is started again after BACKOFF_FIRST_S, doubling up to
+# BACKOFF_MAX_S for each further exit; back to BACKOFF_FIRST_S once it has stayed up
+# BACKOFF_RESET_S.
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+BACKOFF_RESET_S = 60.0
+
+
+@dataclass
+class Service:
+    name: str
+    start: Callable[[], object]
+    proc: Proc | None
+    started_at: float
+    delay: float = BACKOFF_FIRST_S
+    restarts: int = 0
+    restart_at: float | None = None  # set while it waits to be started again
+
+
+class Supervisor:
+    """Keeps a `Stack`'s services running: `poll()` notices a service that exited and,
+    after its backoff delay, starts it again with the `start` it was watched with. The
+    other services are left alone. What remains of a dead service's process group (e.g.
+    a worker's vLLM engine core) is killed, and the dead process leaves `stack.procs`, so
+    `Stack.stop()` never signals a pid that may have been reused."""
+
+    def __init__(self, stack: Stack, clock: Callable[[], float] = time.monotonic):
+        self.stack = stack
+        self.clock = clock
+        self.services: dict[str, Service] = {}
+
+    def watch(self, name: str, start: Callable[[], object]) -> None:
+        """Supervise the service `name` started last in the stack, if there is one."""
+        proc = self._newest(name)
+        if proc is not None:
+            self.services[name] = Service(name, start, proc, self.clock())
+
+    def poll(self) -> None:
+        for svc in list(self.services.values()):
+            now = self.clock()
+            if svc.restart_at is None:
+                code = svc.proc.popen.poll() if svc.proc is not None else None
+                if code is not None:
+                    self._forget(svc)
+                    self._schedule(svc, f"{svc.name} exited with {code}", uptime=now - svc.started_at)
+            elif now >= svc.restart_at:
+                self._start(svc)
+
+    def _schedule(self, svc: Service, why: str, uptime: float) -> None:
+        if uptime >= BACKOFF_RESET_S:
+            svc.delay = BACKOFF_FIRST_S
+        svc.restarts += 1
+        svc.restart_at = self.clock() + svc.delay
+        print(f"{why}; restarting in {svc.delay:g} s (restart {svc.restarts})", flush=True)
+        svc.delay = min(svc.delay * 2, BACKOFF_MAX_S)
+
+    def _start(self, svc: Service) -> None:
+        svc.restart_at = None
+        svc.started_at = self.clock()
+        error: Exception | None = None
+        try:
+            svc.start()
+        except Exception as exc:  # a start that failed is retried like an exit
+            error = exc
+        svc.proc = self._newest(svc.name)
+        if svc.proc is None:
+            if error is None:  # start_redis found another Redis server answering on its port
+                print(f"{svc.name} is no longer started here", flush=True)
+                del self.services[svc.name]
+                return
+            self._schedule(svc, f"could not start {svc.name}: {error}", uptime=0)
+        elif error is not None:
+            print(f"{svc.name}: {error}", flush=True)  # its process runs, or its exit is seen next
+
+    def _newest(self, name: str) -> Proc | None:
+        procs = [p for p in self.stack.procs if p.name == name]
+        return procs[-1] if procs else None
+
+    def _forget(self, svc: Service) -> None:
+        proc = svc.proc
+        if proc is None:
+            return
+        svc.proc = None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(ValueError):
+            self.stack.procs.remove(proc)
+        if proc.log:
+            proc.log.close()
 
 
 def run() -> int:
@@ -274,30 +410,42 @@ def run() -> int:
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
+        # Only noted here: the loop below stops at its next turn, never halfway through
+        # starting a process (which could then be left running).
         nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise KeyboardInterrupt
+        stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
     # Explicitly: a shell that starts us in the background may have left SIGINT ignored.
     signal.signal(signal.SIGINT, on_signal)
+    supervisor = Supervisor(stack)
+    starts: list[tuple[str, Callable[[], object]]] = [
+        ("redis", stack.start_redis),
+        ("worker1", lambda: stack.start_worker("worker1")),
+        ("api", stack.start_api),
+        ("flower", stack.start_flower),
+    ]
     try:
-        stack.start_redis()
-        stack.start_worker()
-        stack.start_api()
-        stack.start_flower()
-        print("starting: the worker builds its engine first (about a minute on a CPU) ...", flush=True)
-        stack.wait_ready(settings.model_name)
-        print(
-            f"\nready: API {stack.api_url}/v1 (model {settings.model_name}), "
-            f"Flower http://127.0.0.1:{stack.flower_port}, Redis {stack.redis_url}. Ctrl-C stops everything.\n",
-            flush=True,
-        )
-        while True:
-            stack.check_alive()
-            time.sleep(1)
-    except KeyboardInterrupt:
+        for name, start in starts:
+            if stopping:
+                break
+            start()
+            supervisor.watch(name, start)  # redis only when started here
+        if not stopping:
+            print("starting: the worker builds its engine first (about a minute on a CPU) ...", flush=True)
+        ready = False
+        while not stopping:
+            supervisor.poll()
+            if not ready and settings.model_name in (stack.health() or {}).get("ready_models", []):
+                ready = True
+                print(
+                    f"\nready: API {stack.api_url}/v1 (model {settings.model_name}), "
+                    f"Flower http://127.0.0.1:{stack.flower_port}, Redis {stack.redis_url}.\n"
+                    "A service that exits is restarted (after 1 s, doubling up to 30 s if it keeps "
+                    "exiting). Ctrl-C stops everything.\n",
+                    flush=True,
+                )
+            time.sleep(0.5)
         print("\nstopping ...", flush=True)
         return 0
     except (RuntimeError, TimeoutError) as exc:

@@ -1,0 +1,232 @@
+"""Every JobStore script on a real Redis: run twice (a retry after a lost reply),
+interleaved with the others, and fenced by attempt. Each race of docs/ARCHITECTURE.md's
+table is pinned here by name."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from common import keys
+from common.jobs import ChoiceDelta, ChunkEvent, JobStatus
+from common.jobstore import JobStore, new_claim_token
+from tests.core.conftest import job
+
+pytestmark = pytest.mark.asyncio
+ERROR = {"message": "gone", "type": "service_unavailable", "param": None, "code": "worker_lost"}
+
+
+def delta(seq: int, attempt: int = 1, tokens: int = 1) -> str:
+    return ChunkEvent(
+        seq=seq,
+        kind="delta",
+        attempt=attempt,
+        choices=[ChoiceDelta(index=0, text="x" * tokens, token_ids=[7] * tokens)],
+    ).encode()
+
+
+def done(seq: int, attempt: int = 1) -> str:
+    return ChunkEvent(
+        seq=seq, kind="done", attempt=attempt, choices=[ChoiceDelta(index=0, finish_reason="length")]
+    ).encode()
+
+
+async def finish(store: JobStore, record, attempt: int, seq: int, status: str = "completed") -> int:
+    return int(
+        await store.finish_in(
+            store.redis, record.id, record.model, attempt, done(seq, attempt), seq, {"status": status}, record.batch
+        )
+    )
+
+
+async def state(store: JobStore, job_id: str) -> tuple[str, list[ChunkEvent], float | None, float | None]:
+    record = await store.get(job_id)
+    assert record is not None
+    lease = await store.redis.zscore(keys.LEASES, job_id)
+    queued = await store.redis.zscore(keys.QUEUED, job_id)
+    return record.status.value, await store.log(job_id), lease, queued
+
+
+async def test_create_is_idempotent_and_indexes_queued_jobs(redis):
+    store = JobStore(redis, 3600)
+    record = job()
+    assert await store.create(record) is True
+    assert await store.create(record) is False  # a batch line handed out again: kept as it is
+    status, log, lease, queued = await state(store, record.id)
+    assert status == "queued" and log == [] and lease is None and queued is not None
+
+
+async def test_claim_twice_with_one_token_is_one_attempt(redis):
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    token = new_claim_token()
+    assert await store.claim(record.id, "w1", token, 10) == 1
+    assert await store.claim(record.id, "w1", token, 10) == 1  # the retry of a lost reply
+    assert await store.claim(record.id, "w2", new_claim_token(), 10) == "in_progress"  # a duplicate message
+    status, _, lease, queued = await state(store, record.id)
+    assert status == "in_progress" and lease is not None and queued is None
+
+
+async def test_append_is_fenced_by_attempt_and_status_and_idempotent(redis):
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    assert await store.append(record.id, 1, 0, [delta(0)]) == -1  # not claimed yet
+    await store.claim(record.id, "w1", new_claim_token(), 10)
+    assert await store.append(record.id, 1, 0, [delta(0), delta(1)]) == 2
+    assert await store.append(record.id, 1, 0, [delta(0), delta(1)]) == 2  # retried: no duplicates
+    assert await store.append(record.id, 1, 3, [delta(3)]) == -1  # a gap: refused
+    assert await store.append(record.id, 2, 2, [delta(2, 2)]) == -1  # another attempt's writer
+    assert [e.seq for e in await store.log(record.id)] == [0, 1]
+
+
+async def test_finish_retried_after_success_answers_done_once(redis):
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    await store.claim(record.id, "w1", new_claim_token(), 10)
+    await store.append(record.id, 1, 0, [delta(0)])
+    assert await finish(store, record, 1, 1) == 1
+    assert await finish(store, record, 1, 1) == 1
+    status, log, lease, queued = await state(store, record.id)
+    assert status == "completed" and [e.kind for e in log] == ["delta", "done"] and lease is None and queued is None
+
+
+async def test_race_cancel_queued_then_claim(redis):
+    """Cancel wins over a later claim: the job never starts; its stream ends `cancelled`."""
+    store = JobStore(redis, 3600)
+    record = job(prompt=5)
+    await store.create(record)
+    assert await store.cancel(record) == "queued"
+    assert await store.cancel(record) == "cancelled"  # run again: same end, no second event
+    assert await store.claim(record.id, "w1", new_claim_token(), 10) == "cancelled"
+    status, log, _, queued = await state(store, record.id)
+    assert status == "cancelled" and queued is None
+    assert len(log) == 1 and log[0].kind == "done" and log[0].choices[0].finish_reason == "cancelled"
+    assert log[0].usage is not None and log[0].usage.prompt_tokens == 5 and log[0].usage.completion_tokens == 0
+
+
+async def test_race_claim_then_cancel(redis):
+    """Claim first: the cancel only flags the job; its worker aborts it and writes the end."""
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    await store.claim(record.id, "w1", new_claim_token(), 10)
+    assert await store.cancel(record) == "in_progress"
+    assert await store.cancel_requested([record.id]) == {record.id}
+    assert await finish(store, record, 1, 0, status="cancelled") == 1
+    assert (await store.get(record.id)).status == JobStatus.cancelled
+
+
+async def test_race_finish_then_reap(redis):
+    """The worker finished just as its lease lapsed: the reaper leaves the job alone."""
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    assert await finish(store, record, 1, 0) == 1
+    time.sleep(0.02)
+    assert await store.reap(record, 3, ERROR) == "skip"
+    assert (await store.get(record.id)).status == JobStatus.completed
+
+
+async def test_race_reap_then_late_append_and_finish(redis):
+    """The lease lapsed first: the job is queued again and the old attempt's late writes
+    are refused (and keep being refused once a new attempt holds it)."""
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    await store.append(record.id, 1, 0, [delta(0)])
+    time.sleep(0.02)
+    assert await store.reap(record, 3, ERROR) == "requeued"
+    assert await store.reap(record, 3, ERROR) == "requeued"  # run again: the same answer (the message is resent)
+    assert await store.append(record.id, 1, 1, [delta(1)]) == -1
+    assert await finish(store, record, 1, 1) == 0
+    status, log, lease, queued = await state(store, record.id)
+    assert status == "queued" and len(log) == 1 and lease is None and queued is not None
+    assert await store.claim(record.id, "w2", new_claim_token(), 10) == 2
+    assert await store.append(record.id, 1, 1, [delta(1)]) == -1
+    assert await store.append(record.id, 2, 1, [delta(1, 2)]) == 2
+
+
+async def test_reap_of_a_renewed_lease_is_live(redis):
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    time.sleep(0.02)
+    assert await store.renew("w1", {record.id: 1}, 10) == set()
+    assert await store.reap(record, 3, ERROR) == "live"
+    assert await store.renew("w2", {record.id: 1}, 10) == {record.id}  # not w2's job
+
+
+async def test_reap_with_attempts_used_up_fails_with_an_error_event(redis):
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    time.sleep(0.02)
+    assert await store.reap(record, 1, ERROR) == "failed"
+    assert await store.reap(record, 1, ERROR) == "failed"
+    status, log, lease, _ = await state(store, record.id)
+    assert status == "failed" and lease is None and [e.kind for e in log] == ["error"]
+    assert log[0].error == ERROR and (await store.get(record.id)).error == ERROR
+
+
+async def test_race_cancel_running_then_reap(redis):
+    """A cancel was pending when the worker died: the reaper ends the job `cancelled`,
+    counting the tokens already sent."""
+    store = JobStore(redis, 3600)
+    record = job(prompt=2)
+    await store.create(record)
+    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    await store.append(record.id, 1, 0, [delta(0, tokens=3)])
+    assert await store.cancel(record) == "in_progress"
+    time.sleep(0.02)
+    assert await store.reap(record, 3, ERROR) == "cancelled"
+    _, log, _, _ = await state(store, record.id)
+    assert log[-1].kind == "done" and log[-1].usage.completion_tokens == 3 and log[-1].usage.total_tokens == 5
+
+
+async def test_release_twice_is_one_release_and_only_by_the_holder(redis):
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    await store.claim(record.id, "w1", new_claim_token(), 10)
+    assert await store.release(record.id, 1, "w2") is False
+    assert await store.release(record.id, 1, "w1") is True
+    assert await store.release(record.id, 1, "w1") is True
+    status, _, lease, queued = await state(store, record.id)
+    assert status == "queued" and lease is None and queued is not None
+    assert await store.claim(record.id, "w2", new_claim_token(), 10) == 2
+    assert await store.release(record.id, 1, "w1") is False  # the old attempt cannot take it back
+
+
+async def test_sweep_keeps_or_ends_a_queued_job(redis):
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    assert await store.sweep(record, None) == "resend"
+    assert await store.sweep(record, ERROR) == "failed"
+    assert await store.sweep(record, ERROR) == "skip"  # run again: nothing more
+    status, log, _, queued = await state(store, record.id)
+    assert status == "failed" and queued is None and [e.kind for e in log] == ["error"]
+
+
+async def test_batch_lines_count_once_in_sets_and_free_their_slot(redis):
+    store = JobStore(redis, 3600)
+    a, b = job(batch="batch_x"), job(batch="batch_x")
+    for r in (a, b):
+        await store.create(r)
+        await redis.sadd(keys.batch_slots("m"), r.id)
+    await store.claim(a.id, "w1", new_claim_token(), 10)
+    await finish(store, a, 1, 0)
+    await finish(store, a, 1, 0)
+    await store.cancel(b)
+    await store.cancel(b)
+    assert await redis.smembers(keys.batch_ended("batch_x", "completed")) == {a.id.encode()}
+    assert await redis.smembers(keys.batch_ended("batch_x", "cancelled")) == {b.id.encode()}
+    assert await redis.scard(keys.batch_slots("m")) == 0

@@ -1,0 +1,135 @@
+"""The worker runtime in this process, on a real Redis, with the fake engine: every way
+out of a claimed job ends it or gives it back, leases outlive long jobs, and a dead
+engine makes the worker give its jobs back, unregister and exit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from common import keys
+from common.jobstore import JobStore
+from common.settings import Settings
+from tests.core.conftest import job
+from tests.core.test_reaper import Sent
+from worker.fake_engine import FakeEngine
+from worker.runtime import EXIT_ENGINE_DEAD, WorkerRuntime, unique_worker_id
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+async def runtime(redis, redis_url):
+    settings = Settings(
+        redis_url=redis_url,
+        engine="fake",
+        fake_step_seconds=0.02,
+        heartbeat_seconds=0.1,
+        lease_seconds=0.5,
+        reaper_interval_seconds=0.1,
+        queue_resend_seconds=60,
+    )
+    sent = Sent()
+    exits: list[int] = []
+    rt = WorkerRuntime(settings, FakeEngine(settings), unique_worker_id("w1@test"), sent, on_fatal=exits.append)
+    await asyncio.to_thread(rt.start)
+    rt.sent, rt.exits = sent, exits  # type: ignore[attr-defined]
+    yield rt
+    await asyncio.to_thread(rt.stop)
+
+
+async def queued(redis, **kw):
+    record = job(**kw)
+    await JobStore(redis, 3600).create(record)
+    return record
+
+
+async def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met")
+
+
+async def test_worker_ids_are_unique_per_process_under_one_name():
+    assert unique_worker_id("w@h") != unique_worker_id("w@h")
+    assert unique_worker_id("w@h").startswith("w@h/")
+
+
+async def test_a_long_job_keeps_its_lease_and_completes_in_one_attempt(runtime, redis):
+    record = await queued(redis, max_tokens=8 * 60)  # about 1.2 s: more than two leases
+    result = await asyncio.to_thread(runtime.run_job, record.id)
+    assert result["status"] == "completed" and result["attempt"] == 1
+    stored = await JobStore(redis, 3600).get(record.id)
+    assert stored.status.value == "completed" and stored.usage.completion_tokens == 480
+    assert await redis.zscore(keys.LEASES, record.id) is None
+
+
+async def test_a_redis_error_right_after_the_claim_gives_the_job_back(runtime, redis, monkeypatch):
+    record = await queued(redis)
+    real_get = runtime.store.get
+    calls = {"n": 0}
+
+    async def flaky_get(job_id):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RedisConnectionError("connection reset")
+        return await real_get(job_id)
+
+    monkeypatch.setattr(runtime.store, "get", flaky_get)
+    with pytest.raises(RedisConnectionError):
+        await asyncio.to_thread(runtime.run_job, record.id)
+    stored = await JobStore(redis, 3600).get(record.id)
+    assert stored.status.value == "queued" and stored.attempt == 1
+    assert await redis.zscore(keys.LEASES, record.id) is None
+    assert runtime.sent.calls == [(record.id, "m", keys.CHAT_PRIORITY)]
+
+
+async def test_a_log_cut_short_under_the_worker_gives_the_job_back(runtime, redis):
+    """Redis restarted under AOF and lost the log's tail: the worker cannot continue the
+    log, so it hands the job to a new attempt, which continues from what the log holds."""
+    record = await queued(redis, max_tokens=8 * 100)
+    running = asyncio.create_task(asyncio.to_thread(runtime.run_job, record.id))
+    await wait_until(lambda: _len_at_least(redis, record.id, 3))
+    await redis.ltrim(keys.job_log(record.id), 0, 0)
+    result = await asyncio.wait_for(running, 20)
+    assert result["status"] == "released"
+    stored = await JobStore(redis, 3600).get(record.id)
+    assert stored.status.value == "queued" and runtime.sent.calls == [(record.id, "m", keys.CHAT_PRIORITY)]
+    # The next attempt continues after the one event left and completes the job.
+    result = await asyncio.to_thread(runtime.run_job, record.id)
+    assert result["status"] == "completed" and result["attempt"] == 2
+    events = await JobStore(redis, 3600).log(record.id)
+    assert [e.seq for e in events] == list(range(len(events))) and events[-1].kind == "done"
+    assert sum(len(c.token_ids) for e in events for c in e.choices) == 800
+
+
+async def test_a_dead_engine_gives_jobs_back_unregisters_and_exits(runtime, redis):
+    records = [await queued(redis, max_tokens=8 * 200) for _ in range(2)]
+    running = [asyncio.create_task(asyncio.to_thread(runtime.run_job, r.id)) for r in records]
+    for r in records:
+        await wait_until(lambda r=r: _len_at_least(redis, r.id, 1))
+    assert await redis.zscore(keys.WORKERS, runtime.worker_id) is not None
+    runtime.engine.die()
+    await asyncio.wait_for(asyncio.gather(*running), 20)
+    await wait_until(lambda: _true(runtime.exits == [EXIT_ENGINE_DEAD]))
+    store = JobStore(redis, 3600)
+    for r in records:
+        assert (await store.get(r.id)).status.value == "queued"
+    assert sorted(c[0] for c in runtime.sent.calls) == sorted(r.id for r in records)
+    assert await redis.zscore(keys.WORKERS, runtime.worker_id) is None
+    # And it takes no more jobs.
+    assert (await asyncio.to_thread(runtime.run_job, records[0].id))["started"] is False
+
+
+async def _len_at_least(redis, job_id: str, n: int) -> bool:
+    return await redis.llen(keys.job_log(job_id)) >= n
+
+
+async def _true(value: bool) -> bool:
+    return value
