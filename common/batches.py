@@ -124,3 +124,25 @@ def batch_from_redis(data: dict[Any, Any], ended: dict[str, int] | None = None) 
         total=counters["total"], completed=counters["completed"], failed=counters["failed"]
     )
     return BatchObject.model_validate(fields), counters
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

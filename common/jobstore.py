@@ -159,7 +159,8 @@ return 1
 
 # KEYS: job, leases, queued. ARGV: job id, attempt, worker, now, next check.
 # A worker gives a job back (its engine died, it is shutting down, its log went short):
-# queued again for another attempt. 1 if given back (now or by an earlier run), else 0.
+# queued again for another attempt. 2 if given back now, 1 if it was already (by an
+# earlier run of this call), 0 if the attempt does not hold it.
 _RELEASE = """
 local st = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker')
 if st[2] ~= ARGV[2] or st[3] ~= ARGV[3] then return 0 end
@@ -169,7 +170,7 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'queued_at', ARGV[4], 'requeued'
 redis.call('HDEL', KEYS[1], 'lease', 'claim')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
-return 1
+return 2
 """
 
 # ARGV: job id, now, channel, ttl, n, prompt tokens, progress channel.
@@ -372,10 +373,12 @@ class JobStore:
                 values += [name, value if isinstance(value, str | int | float) else json.dumps(value)]
         return await self._finish(keys=self.ending_keys(job_id, model, batch), args=values, client=pipe)
 
-    async def release(self, job_id: str, attempt: int, worker_id: str) -> bool:
-        """Give a job back to the queue (the caller then sends its message)."""
+    async def release(self, job_id: str, attempt: int, worker_id: str) -> int:
+        """Give a job back to the queue: 2 if given back now (the caller then sends its
+        message), 1 if it already was (if that message was lost, the sweeper resends
+        it), 0 if the attempt does not hold the job."""
         now = time.time()
-        return bool(
+        return int(
             await self._release(
                 keys=[keys.job(job_id), keys.LEASES, keys.QUEUED],
                 args=[job_id, attempt, worker_id, now, now + self.resend_seconds],

@@ -14,7 +14,8 @@ part of the service is alive):
   during a Redis restart, a worker that acknowledged it and died); claims make the
   duplicates harmless. A job not started by its deadline fails with `queue_timeout`,
   or, when its model has had no live worker for `no_worker_timeout_seconds`, with
-  `model_unavailable`: its readers get a clear error instead of waiting for a day.
+  `model_unavailable`: its readers get a clear error instead of waiting for a day. A
+  batch's line has its batch's window as deadline and waits out a model's absence.
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ class Reaper:
                 f"no worker for '{record.model}' started this job before its deadline "
                 f"({deadline - record.created:.0f} s after it was created)"
             ).to_dict()["error"]
+        if record.batch:
+            return None  # a batch's line waits for its batch's window, however long the model is away
         grace = self.settings.no_worker_timeout_seconds
         seen = seen if seen is not None else self._since
         if now - seen >= grace and now - queued_at >= grace:

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     # one whose model has had no live worker for `no_worker_timeout_seconds` fails sooner
     # (`model_unavailable`). Batch lines wait until their batch expires instead.
     queue_timeout_seconds: float = Field(default=600.0, gt=0)
-    no_worker_timeout_seconds: float = Field(default=60.0, gt=0)
+    no_worker_timeout_seconds: float = Field(default=120.0, gt=0)
     # A message a dead worker had taken but not yet started goes back to the queue after
     # this long (running jobs are re-queued by the reaper long before). A job running
     # longer is redelivered too, and skipped: it claims its record before it runs.

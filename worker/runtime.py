@@ -253,7 +253,7 @@ class WorkerRuntime:
         assert self.store is not None
         try:
             record = await self.store.get(job_id)
-            if record is not None and await self.store.release(job_id, attempt, self.worker_id):
+            if record is not None and await self.store.release(job_id, attempt, self.worker_id) == 2:
                 log.warning("job %s (attempt %d) given back to the queue", job_id, attempt)
                 await self._requeue(job_id, record.model, priority_of(record))
         except (RedisError, OSError, ServiceError) as exc:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from api.files import FileStore
-from common.batches import FileObject
+from common.batches import FileDeleted, FileList, FileObject
 
 router = APIRouter()
 
@@ -32,15 +32,14 @@ async def list_files(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     after: str | None = None,
     order: Literal["asc", "desc"] = "desc",
-) -> dict[str, Any]:
+) -> FileList:
     data = await _files(request).list_files(purpose, limit, after, order)
-    return {
-        "object": "list",
-        "data": [f.model_dump() for f in data],
-        "first_id": data[0].id if data else None,
-        "last_id": data[-1].id if data else None,
-        "has_more": len(data) == limit,
-    }
+    return FileList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=len(data) == limit,
+    )
 
 
 @router.get("/v1/files/{file_id}")
@@ -56,5 +55,5 @@ async def file_content(request: Request, file_id: str) -> FileResponse:
 
 
 @router.delete("/v1/files/{file_id}")
-async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
-    return await _files(request).delete(file_id)
+async def delete_file(request: Request, file_id: str) -> FileDeleted:
+    return FileDeleted.model_validate(await _files(request).delete(file_id))

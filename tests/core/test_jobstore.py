@@ -196,13 +196,13 @@ async def test_release_twice_is_one_release_and_only_by_the_holder(redis):
     record = job()
     await store.create(record)
     await store.claim(record.id, "w1", new_claim_token(), 10)
-    assert await store.release(record.id, 1, "w2") is False
-    assert await store.release(record.id, 1, "w1") is True
-    assert await store.release(record.id, 1, "w1") is True
+    assert await store.release(record.id, 1, "w2") == 0
+    assert await store.release(record.id, 1, "w1") == 2
+    assert await store.release(record.id, 1, "w1") == 1  # run again: already given back
     status, _, lease, queued = await state(store, record.id)
     assert status == "queued" and lease is None and queued is not None
     assert await store.claim(record.id, "w2", new_claim_token(), 10) == 2
-    assert await store.release(record.id, 1, "w1") is False  # the old attempt cannot take it back
+    assert await store.release(record.id, 1, "w1") == 0  # the old attempt cannot take it back
 
 
 async def test_sweep_keeps_or_ends_a_queued_job(redis):

@@ -81,12 +81,18 @@ async def test_a_job_of_a_model_without_workers_fails_with_model_unavailable(red
     assert await r.sweep_queued() == [(record.id, "failed")]
     assert (await store.get(record.id)).error["code"] == "model_unavailable"
     # While a worker serves the model, a queued job just waits (and is sent again).
+    # A batch's line waits for its batch's window instead.
+    line = job(batch="batch_w", deadline=time.time() + 3600)
+    await store.create(line)
+    time.sleep(0.02)
+    assert await r.sweep_queued() == [(line.id, "resend")]
+    # While a worker serves the model, a queued job just waits (and is sent again).
     r.settings.no_worker_timeout_seconds = 30
     await redis.hset(keys.MODELS_SEEN, "m", time.time())
     other = job()
     await store.create(other)
     time.sleep(0.02)
-    assert await r.sweep_queued() == [(other.id, "resend")]
+    assert (other.id, "resend") in await r.sweep_queued()
 
 
 async def test_one_sweep_per_interval_across_processes(redis):

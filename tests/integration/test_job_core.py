@@ -184,3 +184,42 @@ async def test_resume_cursors_out_of_range_or_past_the_end(core):
         # From the start: everything again.
         again = await read_sse(h, "GET", url, headers={"Last-Event-ID": "-1"})
         assert again.text == whole.text and again.done
+
+
+def test_two_batches_together_stay_within_the_batch_share(core):
+    """Two batches run at once on workers with 2 x 64 slots: together their lines in
+    flight never exceed the batch share (0.75: 96 slots), leaving the rest to chat."""
+    import io
+
+    import openai
+
+    client = openai.OpenAI(base_url=core.api_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    line = {"model": MODEL, "messages": HI, "max_tokens": 8 * 20}
+    ids = []
+    for b in range(2):
+        data = "".join(
+            json.dumps({"custom_id": f"b{b}-{i}", "method": "POST", "url": "/v1/chat/completions", "body": line}) + "\n"
+            for i in range(200)
+        )
+        f = client.files.create(file=("in.jsonl", io.BytesIO(data.encode())), purpose="batch")
+        ids.append(
+            client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id
+        )
+    r = redis_lib.Redis.from_url(core.redis_url)
+    peak = 0
+    while True:
+        in_flight = 0
+        for batch_id in ids:
+            dispatched = int(r.hget(f"llmq:batch:{batch_id}", "n_dispatched") or 0)
+            ended = sum(r.scard(f"llmq:batch:{batch_id}:{s}") for s in ("completed", "failed", "cancelled"))
+            in_flight += dispatched - ended
+        peak = max(peak, in_flight)
+        if all(client.batches.retrieve(i).status == "completed" for i in ids):
+            break
+        time.sleep(0.02)
+    print(f"\npeak batch lines in flight: {peak} of 96")
+    assert 0 < peak <= 96
+    for batch_id in ids:
+        counts = client.batches.retrieve(batch_id).request_counts
+        assert (counts.total, counts.completed, counts.failed) == (200, 200, 0)
+    assert r.scard(f"llmq:batch-slots:{MODEL}") == 0

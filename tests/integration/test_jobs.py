@@ -172,7 +172,7 @@ async def test_readers_drop_repeats_and_fill_gaps_from_the_log(stack, model, tok
 
     from common import keys
     from common.jobs import ChoiceDelta, ChunkEvent
-    from common.jobstore import JobStore
+    from common.jobstore import JobStore, new_claim_token
     from common.schemas import Usage
 
     ids = tokenizer.encode("hi", add_special_tokens=False)
@@ -186,8 +186,8 @@ async def test_readers_drop_repeats_and_fill_gaps_from_the_log(stack, model, tok
     async with Redis.from_url(stack.redis_url) as r:
         store = JobStore(r, 3600)
         await store.create(record)
-        await r.hset(keys.job(record.id), "attempt", 1)
-        await store.append(record.id, 1, [delta(0, "a"), delta(1, "b"), delta(2, "c")])
+        assert await store.claim(record.id, "the-test", new_claim_token(), lease_seconds=3600) == 1
+        await store.append(record.id, 1, 0, [e.encode() for e in (delta(0, "a"), delta(1, "b"), delta(2, "c"))])
         seen: list[tuple[str | None, str]] = []
 
         async def read() -> None:
@@ -211,9 +211,9 @@ async def test_readers_drop_repeats_and_fill_gaps_from_the_log(stack, model, tok
             await asyncio.sleep(0.05)
         await r.publish(keys.job_channel(record.id), delta(1, "b").encode())  # a repeat
         await r.rpush(keys.job_log(record.id), delta(3, "d").encode())  # logged, never published
-        await store.append(record.id, 1, [delta(4, "e")])
+        await store.append(record.id, 1, 4, [delta(4, "e").encode()])
         done = ChunkEvent(seq=5, kind="done", usage=Usage(prompt_tokens=1, completion_tokens=5, total_tokens=6))
-        await store.append(record.id, 1, [done])
+        await store.append(record.id, 1, 5, [done.encode()])
         await asyncio.wait_for(reader, 15)
     ids_seen = [int(i) for i, _ in seen if i is not None]
     assert ids_seen == [0, 1, 2, 3, 4]

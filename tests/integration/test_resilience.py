@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 
@@ -277,3 +279,43 @@ async def test_redis_restart(rstack):
     # Every worker lived through it (a job was running on one of them at the time).
     assert all(p.popen.poll() is None for p in workers)
     await wait_for(lambda: len(live_workers(rstack)) == len(workers), 20)
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+async def test_a_worker_whose_engine_dies_gives_its_jobs_back_and_exits(rstack):
+    """vLLM's engine core (a child process of the worker) is killed mid-answer: vLLM marks
+    the engine dead, and the worker gives its job back at once, unregisters and exits 3
+    (for its supervisor to restart it) instead of staying registered and failing every
+    job sent to it. The job continues on another worker."""
+    for name in ("wf", "wg"):
+        rstack.start_worker(name)
+    wait_workers(rstack, 2)
+    job_id = start_background(rstack, max_tokens=400)
+    await wait_for(lambda: job_field(rstack, job_id, "status") == "in_progress", 60)
+    holder = job_field(rstack, job_id, "worker")
+    pid = int(holder.split("/")[1].split("-")[0])
+    proc = next(p for p in rstack.procs if p.popen.pid == pid)
+    proc.expected_exit = True  # type: ignore[attr-defined]
+    engines = children_of(pid)
+    assert engines, "the worker has no engine process"
+    for child in engines:
+        os.kill(child, signal.SIGKILL)
+    code = await asyncio.to_thread(proc.popen.wait, 60)
+    assert code == 3
+    assert holder not in live_workers(rstack)
+    await wait_for(lambda: job_field(rstack, job_id, "status") == "completed", 180)
+    assert job_field(rstack, job_id, "attempt") == "2" and job_field(rstack, job_id, "worker") != holder
