@@ -1,14 +1,14 @@
 """Losing things mid-answer: a worker killed with SIGKILL, every worker killed, the API
 restarted, Redis restarted, a client that stops reading. Its own stack (two workers), as
-these tests break it on purpose. Default heartbeat settings: a lost worker must be
-detected within 30 s."""
+these tests break it on purpose. What is tested is the orchestration, so the workers run
+the fake engine (8 tokens a step, 0.1 s a step: jobs last long enough to be hit; its
+text is positional, so a lost, repeated or reordered piece shows); a dead real engine is
+tests/integration/test_engine_loss.py's."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import sys
 import time
 
@@ -37,6 +37,11 @@ def rstack(tmp_path_factory):
         flower_port=None,
         log_dir=logs,
         env={
+            "ENGINE": "fake",
+            "FAKE_STEP_SECONDS": "0.1",
+            "HEARTBEAT_SECONDS": "2",
+            "WORKER_TTL_SECONDS": "6",
+            "LEASE_SECONDS": "6",
             "MAX_ATTEMPTS": "2",
             "WORKER_SLOTS": "16",
             "SSE_PING_SECONDS": "3",
@@ -50,7 +55,7 @@ def rstack(tmp_path_factory):
         s.start_worker("wa")
         s.start_worker("wb")
         s.start_api()
-        s.wait_ready(MODEL, timeout=600)
+        s.wait_ready(MODEL, timeout=120)
         wait_workers(s, 2)
     except BaseException:
         s.stop()
@@ -61,7 +66,7 @@ def rstack(tmp_path_factory):
 
 def live_workers(s: Stack) -> list[str]:
     r = redis_lib.Redis.from_url(s.redis_url)
-    return [w.decode() for w in r.zrangebyscore("llmq:workers", time.time() - 15, "+inf")]
+    return [w.decode() for w in r.zrangebyscore("llmq:workers", time.time() - 6, "+inf")]
 
 
 def wait_workers(s: Stack, n: int, timeout: float = 600) -> None:
@@ -103,7 +108,7 @@ async def wait_for(predicate, timeout: float, step: float = 0.2) -> float:
 
 
 async def test_killed_worker_job_continues_on_another(rstack):
-    job_id = start_background(rstack, max_tokens=160)
+    job_id = start_background(rstack, max_tokens=800)
     async with httpx.AsyncClient(base_url=rstack.api_url, timeout=300) as h:
         follower = asyncio.create_task(read_sse(h, "GET", f"/v1/chat/completions/{job_id}/stream"))
         await wait_for(lambda: int(json.loads(job_field(rstack, job_id, "attempt") or "0")) == 1, 60)
@@ -120,11 +125,11 @@ async def test_killed_worker_job_continues_on_another(rstack):
     attempts = [c.get("attempt", 1) for c in followed.chunks]
     assert attempts[0] == 1 and attempts[-1] == 2 and attempts == sorted(attempts)
     final = client(rstack).chat.completions.retrieve(job_id)
-    assert final.model_extra["status"] == "completed" and final.usage.completion_tokens == 160
+    assert final.model_extra["status"] == "completed" and final.usage.completion_tokens == 800
     assert final.choices[0].message.content == followed.text
     log = redis_lib.Redis.from_url(rstack.redis_url).lrange(f"llmq:events:{job_id}", 0, -1)
     tokens = sum(len(c.get("token_ids", [])) for e in map(json.loads, log) for c in e.get("choices", []))
-    assert tokens == 160
+    assert tokens == 800
     # Keep-alive comments flowed while the stream waited for the new attempt.
     assert followed.comments >= 1
 
@@ -149,7 +154,7 @@ async def test_job_fails_cleanly_when_attempts_run_out(rstack):
 async def test_background_job_and_its_stream_survive_an_api_restart(rstack):
     rstack.start_worker("wd")
     wait_workers(rstack, 1)
-    job_id = start_background(rstack, max_tokens=64)
+    job_id = start_background(rstack, max_tokens=480)
     url = f"/v1/chat/completions/{job_id}/stream"
     async with httpx.AsyncClient(base_url=rstack.api_url, timeout=300) as h:
         first = await read_sse(h, "GET", url, stop_after_content=5)
@@ -158,7 +163,7 @@ async def test_background_job_and_its_stream_survive_an_api_restart(rstack):
     async with httpx.AsyncClient(base_url=rstack.api_url, timeout=300) as h:
         rest = await read_sse(h, "GET", url, headers={"Last-Event-ID": first.last_id})
     final = client(rstack).chat.completions.retrieve(job_id)
-    assert final.model_extra["status"] == "completed" and final.usage.completion_tokens == 64
+    assert final.model_extra["status"] == "completed" and final.usage.completion_tokens == 480
     assert first.text + rest.text == final.choices[0].message.content
 
 
@@ -173,7 +178,7 @@ async def test_batch_survives_api_and_worker_restarts(rstack):
             "method": "POST",
             "url": "/v1/chat/completions",
             # Long enough that the batch cannot finish while the API restarts (it did once at 48).
-            "body": {"model": MODEL, "messages": STORY, "max_tokens": 200, "temperature": 0, "ignore_eos": True},
+            "body": {"model": MODEL, "messages": STORY, "max_tokens": 800, "temperature": 0, "ignore_eos": True},
         }
         for i in range(40)
     ]
@@ -198,7 +203,7 @@ async def test_batch_survives_api_and_worker_restarts(rstack):
     assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (40, 40, 0)
     out = [json.loads(x) for x in client(rstack).files.content(final.output_file_id).text.splitlines()]
     assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(40))
-    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 200 for o in out)
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 800 for o in out)
     assert final.error_file_id is None
 
 
@@ -237,7 +242,7 @@ async def test_keepalive_comments_and_unknown_jobs(rstack):
     """SSE keep-alive comments flow every SSE_PING_SECONDS (3 s here, 15 s by default)."""
     wait_workers(rstack, 1)
     async with httpx.AsyncClient(base_url=rstack.api_url, timeout=60) as h:
-        body = {"model": MODEL, "messages": STORY, "max_tokens": 80, "stream": True, "ignore_eos": True}
+        body = {"model": MODEL, "messages": STORY, "max_tokens": 800, "stream": True, "ignore_eos": True}
         comments = 0
         async with h.stream("POST", "/v1/chat/completions", json=body) as resp:
             t0 = time.monotonic()
@@ -279,43 +284,3 @@ async def test_redis_restart(rstack):
     # Every worker lived through it (a job was running on one of them at the time).
     assert all(p.popen.poll() is None for p in workers)
     await wait_for(lambda: len(live_workers(rstack)) == len(workers), 20)
-
-
-def children_of(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-async def test_a_worker_whose_engine_dies_gives_its_jobs_back_and_exits(rstack):
-    """vLLM's engine core (a child process of the worker) is killed mid-answer: vLLM marks
-    the engine dead, and the worker gives its job back at once, unregisters and exits 3
-    (for its supervisor to restart it) instead of staying registered and failing every
-    job sent to it. The job continues on another worker."""
-    for name in ("wf", "wg"):
-        rstack.start_worker(name)
-    wait_workers(rstack, 2)
-    job_id = start_background(rstack, max_tokens=400)
-    await wait_for(lambda: job_field(rstack, job_id, "status") == "in_progress", 60)
-    holder = job_field(rstack, job_id, "worker")
-    pid = int(holder.split("/")[1].split("-")[0])
-    proc = next(p for p in rstack.procs if p.popen.pid == pid)
-    proc.expected_exit = True  # type: ignore[attr-defined]
-    engines = children_of(pid)
-    assert engines, "the worker has no engine process"
-    for child in engines:
-        os.kill(child, signal.SIGKILL)
-    code = await asyncio.to_thread(proc.popen.wait, 60)
-    assert code == 3
-    assert holder not in live_workers(rstack)
-    await wait_for(lambda: job_field(rstack, job_id, "status") == "completed", 180)
-    assert job_field(rstack, job_id, "attempt") == "2" and job_field(rstack, job_id, "worker") != holder
