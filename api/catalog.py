@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,23 @@ from common.workers import live_workers
 log = logging.getLogger(__name__)
 
 
+# transformers resolves its names lazily on first use; two threads doing that at once
+# (the warm-up and a request's tokenizer load) saw "cannot import name 'AutoTokenizer'".
+_IMPORT_LOCK = threading.Lock()
+
+
+def auto_tokenizer() -> Any:
+    with _IMPORT_LOCK:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer
+
+
 class ChatTokenizer:
     """A model's tokenizer and chat template, as the worker's engine uses them."""
 
     def __init__(self, folder: Path):
-        from transformers import AutoTokenizer
-
-        self._tok = AutoTokenizer.from_pretrained(str(folder))
+        self._tok = auto_tokenizer().from_pretrained(str(folder))
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         try:
@@ -120,7 +131,7 @@ class ModelCatalog:
     async def keep_warm(self, interval: float = 2.0) -> None:
         """Load each live model's tokenizer as soon as its worker registers, so no client
         request pays for it (importing transformers alone takes seconds)."""
-        await asyncio.to_thread(__import__, "transformers")
+        await asyncio.to_thread(auto_tokenizer)
         while True:
             try:
                 for card in (await self.live_models(fresh=True)).values():

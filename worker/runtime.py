@@ -55,6 +55,13 @@ T = TypeVar("T")
 EXIT_ENGINE_DEAD = 3
 
 
+def _exit(code: int) -> None:
+    """Leave now (from the engine loop's thread), logs flushed: the supervisor restarts us."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(code)
+
+
 def unique_worker_id(name: str) -> str:
     """Celery's node name plus this process: two processes started under one name (a
     copied command line, a restarted container) still hold their jobs apart."""
@@ -76,7 +83,7 @@ class WorkerRuntime:
         self.worker_id = worker_id
         # What to do once the engine is dead and the jobs are given back (the Celery
         # worker exits the process; tests watch it).
-        self._on_fatal = on_fatal or (lambda code: os._exit(code))
+        self._on_fatal = on_fatal or _exit
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -244,7 +251,6 @@ class WorkerRuntime:
         for job_id, attempt in held.items():
             await self._release(job_id, attempt)
         await self._unregister()
-        logging.shutdown()
         self._on_fatal(EXIT_ENGINE_DEAD)
 
     async def _release(self, job_id: str, attempt: int) -> None:
