@@ -96,6 +96,9 @@ class JobRecord(BaseModel):
     claim: str | None = None
     # The attempt the reaper took back (makes a retried reap answer the same).
     reaped: int | None = None
+    # How often the sweeper re-sent its message, and when it may next.
+    resends: int = 0
+    resend_at: float | None = None
     cancel_requested: bool = False
     request: JobRequest | None = None
     options: JobOptions = Field(default_factory=JobOptions)

@@ -232,16 +232,22 @@ return 'requeued'
 """
 )
 
-# ARGV: job id, now, next check, channel, ttl, error json ('' to keep it queued), progress channel.
-# A queued job the sweeper looks at: `resend` (still queued; look again at `next check`),
-# `failed` (ended with the error: no capacity before its deadline) or `skip` (not queued).
+# ARGV: job id, now, next check, channel, ttl, error json ('' to keep it queued), progress
+# channel, resend base seconds. A queued job the sweeper looks at: `resend` (still queued,
+# its message is due to be sent again: after the base, then twice as long each time, so a
+# job waiting in a long queue collects a few duplicates, not one per look), `wait` (still
+# queued, not due), `failed` (ended with the error: no capacity before its deadline) or
+# `skip` (not queued).
 _SWEEP = (
     _LIB
     + """
-local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+local st = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'resend_at')
 if st[1] ~= 'queued' then redis.call('ZREM', KEYS[4], ARGV[1]) return 'skip' end
 if ARGV[6] == '' then
   redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+  if tonumber(ARGV[2]) < tonumber(st[3] or '0') then return 'wait' end
+  local k = redis.call('HINCRBY', KEYS[1], 'resends', 1)
+  redis.call('HSET', KEYS[1], 'resend_at', tonumber(ARGV[2]) + tonumber(ARGV[8]) * 2 ^ math.min(k, 6))
   return 'resend'
 end
 redis.call('HSET', KEYS[1], 'error', ARGV[6])
@@ -428,7 +434,8 @@ class JobStore:
         return keys.text(result)
 
     async def sweep(self, record: JobRecord, error: dict[str, Any] | None) -> str:
-        """Look at a queued job: keep it (`resend`), or end it with `error` (`failed`)."""
+        """Look at a queued job: keep it (`resend` its message, or `wait`), or end it
+        with `error` (`failed`)."""
         now = time.time()
         result = await self._sweep(
             keys=self.ending_keys(record.id, record.model, record.batch),
@@ -440,6 +447,7 @@ class JobStore:
                 self.ttl,
                 json.dumps(error) if error is not None else "",
                 keys.BATCH_PROGRESS,
+                self.resend_seconds,
             ],
         )
         return keys.text(result)

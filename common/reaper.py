@@ -10,12 +10,13 @@ part of the service is alive):
   message is sent again, up to `max_attempts` attempts in all; then it fails with
   `worker_lost`. A job whose cancellation was pending ends `cancelled`.
 - **Overdue queued jobs.** A job still queued `queue_resend_seconds` after it entered
-  the queue has its message sent again: the message may be gone (a requeue that failed
-  during a Redis restart, a worker that acknowledged it and died); claims make the
-  duplicates harmless. A job not started by its deadline fails with `queue_timeout`,
-  or, when its model has had no live worker for `no_worker_timeout_seconds`, with
-  `model_unavailable`: its readers get a clear error instead of waiting for a day. A
-  batch's line has its batch's window as deadline and waits out a model's absence.
+  the queue has its message sent again (then after twice as long, and so on): the
+  message may be gone (a requeue that failed during a Redis restart, a worker that
+  acknowledged it and died); claims make the duplicates harmless. A job not started by
+  its deadline fails with `queue_timeout`, or, when its model has had no live worker
+  for `no_worker_timeout_seconds`, with `model_unavailable`: its readers get a clear
+  error instead of waiting for a day. A batch's line has its batch's window as deadline
+  and waits out a model's absence.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ class Reaper:
                 await self.store.redis.zrem(keys.QUEUED, job_id)
                 continue
             action = await self.store.sweep(record, self._why_end(record, now, seen.get(record.model)))
+            if action == "wait":
+                continue
             if action == "resend":
                 await self.requeue(job_id, record.model, priority_of(record))
             elif action == "failed":

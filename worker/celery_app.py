@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 settings = get_settings()
 
-app = Celery("llmq-worker", broker=settings.redis_url)
+# The tasks module imports this one; Celery imports it once the app exists (no cycle).
+app = Celery("llmq-worker", broker=settings.redis_url, include=["worker.tasks"])
 app.conf.update(
     broker_transport="worker.broker:Transport",
     worker_pool="threads",
@@ -88,7 +89,3 @@ def _start_runtime(sender: object = None, **_: object) -> None:
 def _stop_runtime(**_: object) -> None:
     if _runtime is not None:
         _runtime.stop()
-
-
-# Register the tasks.
-import worker.tasks  # noqa: E402,F401

@@ -210,6 +210,7 @@ async def test_sweep_keeps_or_ends_a_queued_job(redis):
     record = job()
     await store.create(record)
     assert await store.sweep(record, None) == "resend"
+    assert await store.sweep(record, None) == "wait"  # the next resend waits twice as long
     assert await store.sweep(record, ERROR) == "failed"
     assert await store.sweep(record, ERROR) == "skip"  # run again: nothing more
     status, log, _, queued = await state(store, record.id)
