@@ -7,7 +7,7 @@ export API_PORT    ?= 8000
 export FLOWER_PORT ?= 5555
 export REDIS_PORT  ?= 6379
 
-.PHONY: setup model redis run test test-unit bench bench-batch lint typecheck clean
+.PHONY: setup model redis run test test-unit test-core chaos bench bench-batch lint typecheck clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ test: setup model redis lint typecheck
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
+
+# Pure logic plus every Redis script, the reaper and the worker runtime on a real Redis: seconds.
+test-core: setup redis
+	$(PY) -m pytest tests/unit tests/core
+
+# The seeded chaos run alone, e.g. `make chaos CHAOS_SEED=1,2,3` (part of `make test` with one seed).
+chaos: setup model redis
+	$(PY) -m pytest tests/integration/test_chaos.py -s
 
 bench: setup model redis
 	$(PY) bench/bench_stream.py

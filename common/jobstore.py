@@ -379,15 +379,16 @@ class JobStore:
                 values += [name, value if isinstance(value, str | int | float) else json.dumps(value)]
         return await self._finish(keys=self.ending_keys(job_id, model, batch), args=values, client=pipe)
 
-    async def release(self, job_id: str, attempt: int, worker_id: str) -> int:
+    async def release(self, job_id: str, attempt: int, worker_id: str, due_now: bool = False) -> int:
         """Give a job back to the queue: 2 if given back now (the caller then sends its
-        message), 1 if it already was (if that message was lost, the sweeper resends
-        it), 0 if the attempt does not hold the job."""
+        message, or with `due_now` leaves that to the next sweep), 1 if it already was
+        (if that message was lost, the sweeper resends it), 0 if the attempt does not
+        hold the job."""
         now = time.time()
         return int(
             await self._release(
                 keys=[keys.job(job_id), keys.LEASES, keys.QUEUED],
-                args=[job_id, attempt, worker_id, now, now + self.resend_seconds],
+                args=[job_id, attempt, worker_id, now, now if due_now else now + self.resend_seconds],
             )
         )
 

@@ -90,6 +90,7 @@ class WorkerRuntime:
         self._inflight: dict[str, int] = {}  # job id -> attempt
         self._cancelled: set[str] = set()
         self._lost: set[str] = set()
+        self._releasing: dict[str, asyncio.Future[None]] = {}
         self.dead = False
         self.redis: Any = None
         self.store: JobStore | None = None
@@ -238,29 +239,48 @@ class WorkerRuntime:
             await asyncio.sleep(0.5)
         while self.engine.alive():
             await asyncio.sleep(1.0)
-        await self.die("the engine died")
+        self.fail_fast("the engine died")
 
-    async def die(self, why: str) -> None:
-        """Fail fast: stop taking jobs, give back the ones held, unregister, exit."""
+    def fail_fast(self, why: str) -> None:
+        """The engine is gone: stop taking jobs at once (tasks arriving now are refused),
+        give back the ones held, unregister and exit (on the loop, in the background)."""
         if self.dead:
             return
         self.dead = True
+        self.loop.create_task(self._die(why))
+
+    async def _die(self, why: str) -> None:
         log.critical("%s: giving back %d job(s) and exiting", why, len(self._inflight))
-        held = dict(self._inflight)
-        self._inflight.clear()  # no more lease renewals for them
-        for job_id, attempt in held.items():
+        # Every job still listed, and those whose own clean-up is giving them back right
+        # now: none may be left to a lapsing lease. Their messages are left to the reaper
+        # of another process (QUEUED, due now): sent from here, this worker could take
+        # them again on its way out.
+        for job_id, attempt in list(self._inflight.items()):
             await self._release(job_id, attempt)
+        await asyncio.gather(*list(self._releasing.values()), return_exceptions=True)
         await self._unregister()
         self._on_fatal(EXIT_ENGINE_DEAD)
 
     async def _release(self, job_id: str, attempt: int) -> None:
-        """Give a job back to the queue and send its message again. If Redis cannot be
-        reached, its lease lapses and the reaper does it."""
+        """Give a job back to the queue and send its message again (once: a second caller,
+        e.g. a dying worker, waits for the first). If Redis cannot be reached, its lease
+        lapses and the reaper does it."""
+        task = self._releasing.get(job_id)
+        if task is None:
+            task = asyncio.ensure_future(self._give_back(job_id, attempt))
+            self._releasing[job_id] = task
+            task.add_done_callback(lambda _: self._releasing.pop(job_id, None))
+        await asyncio.shield(task)
+
+    async def _give_back(self, job_id: str, attempt: int) -> None:
         assert self.store is not None
+        send = not self.dead
         try:
             record = await self.store.get(job_id)
-            if record is not None and await self.store.release(job_id, attempt, self.worker_id) == 2:
-                log.warning("job %s (attempt %d) given back to the queue", job_id, attempt)
+            if record is None or await self.store.release(job_id, attempt, self.worker_id, due_now=not send) != 2:
+                return
+            log.warning("job %s (attempt %d) given back to the queue", job_id, attempt)
+            if send:
                 await self._requeue(job_id, record.model, priority_of(record))
         except (RedisError, OSError, ServiceError) as exc:
             log.warning("could not give job %s back (%s); its lease will lapse", job_id, exc)
@@ -288,16 +308,17 @@ class WorkerRuntime:
             outcome = await self._attempt(job_id, attempt)
             return outcome or {"status": "released", "attempt": attempt}
         finally:
-            self._inflight.pop(job_id, None)
-            self._cancelled.discard(job_id)
             lost = job_id in self._lost
-            self._lost.discard(job_id)
             if outcome is None or lost:
                 # An error before the end was written, or the job went astray (its log
                 # shorter than what was sent: Redis lost writes). Give it back: a new
                 # attempt continues from what the log holds. Refused if it is not ours.
+                # (Still listed in _inflight meanwhile: a worker dying now gives it back too.)
                 self.publisher.forget(job_id)
                 await self._release(job_id, attempt)
+            self._inflight.pop(job_id, None)
+            self._cancelled.discard(job_id)
+            self._lost.discard(job_id)
 
     async def _attempt(self, job_id: str, attempt: int) -> dict[str, Any] | None:
         """Run a claimed attempt; its outcome, or None if it lost the job on the way."""
@@ -325,7 +346,7 @@ class WorkerRuntime:
         except Exception as exc:
             if not self.engine.alive():
                 # Not the job's fault: give it back (the finally in _run_job) and go.
-                self.loop.create_task(self.die(f"the engine died running {job_id}"))
+                self.fail_fast(f"the engine died running {job_id}")
                 return None
             return await self._fail(record, attempt, exc)
         if job_id in self._lost:

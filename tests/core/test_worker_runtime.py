@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import pytest
+import redis as redis_lib
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import keys
@@ -33,8 +34,15 @@ async def runtime(redis, redis_url):
         queue_resend_seconds=60,
     )
     sent = Sent()
-    exits: list[int] = []
-    rt = WorkerRuntime(settings, FakeEngine(settings), unique_worker_id("w1@test"), sent, on_fatal=exits.append)
+    exits: list[tuple[int, dict[str, str], list]] = []
+    sync = redis_lib.Redis.from_url(redis_url)
+
+    def on_fatal(code: int) -> None:
+        # What a restarted worker, or anyone else, finds at the moment this process exits.
+        statuses = {k.decode(): sync.hget(k, "status").decode() for k in sync.scan_iter("llmq:job:*")}
+        exits.append((code, statuses, list(sent.calls)))
+
+    rt = WorkerRuntime(settings, FakeEngine(settings), unique_worker_id("w1@test"), sent, on_fatal=on_fatal)
     await asyncio.to_thread(rt.start)
     rt.sent, rt.exits = sent, exits  # type: ignore[attr-defined]
     yield rt
@@ -109,19 +117,32 @@ async def test_a_log_cut_short_under_the_worker_gives_the_job_back(runtime, redi
     assert sum(len(c.token_ids) for e in events for c in e.choices) == 800
 
 
-async def test_a_dead_engine_gives_jobs_back_unregisters_and_exits(runtime, redis):
+async def test_a_dead_engine_gives_jobs_back_unregisters_and_exits(runtime, redis, monkeypatch):
     records = [await queued(redis, max_tokens=8 * 200) for _ in range(2)]
     running = [asyncio.create_task(asyncio.to_thread(runtime.run_job, r.id)) for r in records]
     for r in records:
         await wait_until(lambda r=r: _len_at_least(redis, r.id, 1))
+    # A slow Redis: the process must not leave before its jobs are given back.
+    real_get = runtime.store.get
+
+    async def slow_get(job_id):
+        await asyncio.sleep(0.3)
+        return await real_get(job_id)
+
+    monkeypatch.setattr(runtime.store, "get", slow_get)
     assert await redis.zscore(keys.WORKERS, runtime.worker_id) is not None
     runtime.engine.die()
     await asyncio.wait_for(asyncio.gather(*running), 20)
-    await wait_until(lambda: _true(runtime.exits == [EXIT_ENGINE_DEAD]))
-    store = JobStore(redis, 3600)
+    await wait_until(lambda: _true(len(runtime.exits) == 1))
+    code, at_exit, sent_at_exit = runtime.exits[0]
+    assert code == EXIT_ENGINE_DEAD
+    # Every job was given back before the process left (not left to a lapsing lease),
+    # its message left to another process's sweep (due now), so that this worker cannot
+    # take it again on its way out.
+    assert at_exit == {keys.job(r.id): "queued" for r in records}
+    assert sent_at_exit == []
     for r in records:
-        assert (await store.get(r.id)).status.value == "queued"
-    assert sorted(c[0] for c in runtime.sent.calls) == sorted(r.id for r in records)
+        assert await redis.zscore(keys.QUEUED, r.id) <= time.time()
     assert await redis.zscore(keys.WORKERS, runtime.worker_id) is None
     # And it takes no more jobs.
     assert (await asyncio.to_thread(runtime.run_job, records[0].id))["started"] is False

@@ -1,8 +1,9 @@
 """A worker whose real vLLM engine dies mid-answer (its engine core process killed):
 only the real engine can show that vLLM reports itself dead and that the worker then
 gives its job back at once, unregisters and exits 3 for its supervisor to restart it,
-instead of staying registered and failing every job sent to it. The job continues on
-another real worker from the tokens already sent."""
+instead of staying registered and failing every job sent to it. The job then continues
+on another worker from the tokens already sent (a fake-engine one here: starting a
+second real engine costs a minute and shows nothing new)."""
 
 from __future__ import annotations
 
@@ -42,13 +43,8 @@ def estack(tmp_path_factory):
     try:
         s.start_redis()
         s.start_worker("we1")
-        s.start_worker("we2")
         s.start_api()
         s.wait_ready(MODEL, timeout=600)
-        deadline = time.monotonic() + 600
-        while len(live(s)) < 2:
-            assert time.monotonic() < deadline, "two workers not live"
-            time.sleep(0.5)
     except BaseException:
         s.stop()
         raise
@@ -113,6 +109,10 @@ async def test_a_worker_whose_engine_dies_gives_its_jobs_back_and_exits(estack):
         code = await asyncio.to_thread(proc.popen.wait, 60)
         assert code == 3
         assert holder not in live(estack)
+        # Given back at once, not left to a lapsing lease: queued again, its message sent by
+        # the API's reaper (the dying worker must not take it again itself).
+        assert field(estack, job.id, "status") == "queued" and field(estack, job.id, "attempt") == "1"
+        estack.start_worker("wfake", {"ENGINE": "fake"})
         followed = await asyncio.wait_for(follower, 300)
     final = client.chat.completions.retrieve(job.id)
     assert final.model_extra["status"] == "completed" and final.model_extra["attempt"] == 2
@@ -121,3 +121,5 @@ async def test_a_worker_whose_engine_dies_gives_its_jobs_back_and_exits(estack):
     log = redis_lib.Redis.from_url(estack.redis_url).lrange(f"llmq:events:{job.id}", 0, -1)
     tokens = sum(len(c.get("token_ids", [])) for e in map(json.loads, log) for c in e.get("choices", []))
     assert tokens == final.usage.completion_tokens == 300
+    # The text the client followed is the real engine's first part, then the rest.
+    assert followed.chunks[1].get("attempt", 1) == 1 and followed.chunks[-2].get("attempt") == 2
