@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = connect(settings.redis_url)
+        redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_seconds)
         relay = StreamRelay(settings.redis_url, settings.stream_buffer_events)
         await relay.start()
         catalog = ModelCatalog(redis, settings.worker_ttl_seconds)

@@ -14,6 +14,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
     redis_url: str = "redis://localhost:6379/0"
+    # Connections one process keeps to Redis; a command finding all busy waits this long.
+    redis_max_connections: int = Field(default=256, ge=4)
+    redis_pool_timeout_seconds: float = Field(default=20.0, gt=0)
 
     # The model a worker serves: a local checkpoint folder (or a hub id where a hub is
     # reachable), published to clients under `model_name`.

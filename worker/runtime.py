@@ -124,7 +124,9 @@ class WorkerRuntime:
     # -- on the loop ------------------------------------------------------------------
 
     async def _start(self) -> None:
-        self.redis = connect(self.settings.redis_url)
+        self.redis = connect(
+            self.settings.redis_url, self.settings.redis_max_connections, self.settings.redis_pool_timeout_seconds
+        )
         await self.engine.start()
         self._tokenizer_files = self.engine.tokenizer_files()
         digest = hashlib.sha256()

@@ -5,6 +5,7 @@ ends, whatever happens to the processes around it."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import signal
@@ -223,3 +224,25 @@ def test_two_batches_together_stay_within_the_batch_share(core):
         counts = client.batches.retrieve(batch_id).request_counts
         assert (counts.total, counts.completed, counts.failed) == (200, 200, 0)
     assert r.scard(f"llmq:batch-slots:{MODEL}") == 0
+
+
+async def test_a_burst_of_streams_gets_no_503s_with_redis_healthy(core):
+    """300 streams at once: each gets its whole answer. With redis-py's default pool (100
+    connections, then "Too many connections") 187 of 300 were refused with a 503
+    "cannot reach Redis" while Redis was fine."""
+    body = {"model": MODEL, "messages": HI, "max_tokens": 64, "stream": True}
+    outcomes: collections.Counter[str] = collections.Counter()
+
+    async def one(h: httpx.AsyncClient) -> None:
+        async with h.stream("POST", "/v1/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                outcomes[f"{resp.status_code} {resp.text[:80]}"] += 1
+                return
+            lines = [line async for line in resp.aiter_lines()]
+            outcomes["done" if "data: [DONE]" in lines else "no [DONE]"] += 1
+
+    limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=core.api_url, timeout=120, limits=limits) as h:
+        await asyncio.gather(*(one(h) for _ in range(300)))
+    assert outcomes == {"done": 300}, outcomes
