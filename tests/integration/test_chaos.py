@@ -7,8 +7,8 @@ Its own stack: Redis with append-only persistence, two workers (ENGINE=fake, slo
 so jobs are in flight when faults hit), two API processes, short liveness settings.
 
     CHAOS_SEED=7           the seed (default 1234); a comma list runs one stack per seed
-    CHAOS_FAULTS=0         no faults (checks the harness itself); N: N faults (default 14)
-    CHAOS_SECONDS=60       how long load and faults run
+    CHAOS_FAULTS=0         no faults (checks the harness itself); N: N faults (default 12)
+    CHAOS_SECONDS=45       how long load and faults run
     CHAOS_DRAIN_SECONDS=90 how long, after that, jobs and streams get to end
     CHAOS_STEP_SECONDS     the fake engine's step time (default 0.03 s, 8 tokens a step)
 """
@@ -42,8 +42,8 @@ pytestmark = pytest.mark.integration
 
 MODEL = get_settings().model_name
 SEEDS = [int(s) for s in os.environ.get("CHAOS_SEED", "1234").split(",") if s.strip()]
-FAULTS = int(os.environ.get("CHAOS_FAULTS", "14"))
-LOAD_SECONDS = float(os.environ.get("CHAOS_SECONDS", "60"))
+FAULTS = int(os.environ.get("CHAOS_FAULTS", "12"))
+LOAD_SECONDS = float(os.environ.get("CHAOS_SECONDS", "45"))
 DRAIN_SECONDS = float(os.environ.get("CHAOS_DRAIN_SECONDS", "90"))
 STEP_SECONDS = os.environ.get("CHAOS_STEP_SECONDS", "0.03")
 APIS = ("api", "api2")

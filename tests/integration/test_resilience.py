@@ -39,9 +39,9 @@ def rstack(tmp_path_factory):
         env={
             "ENGINE": "fake",
             "FAKE_STEP_SECONDS": "0.1",
-            "HEARTBEAT_SECONDS": "2",
-            "WORKER_TTL_SECONDS": "6",
-            "LEASE_SECONDS": "6",
+            "HEARTBEAT_SECONDS": "1",
+            "WORKER_TTL_SECONDS": "4",
+            "LEASE_SECONDS": "4",
             "MAX_ATTEMPTS": "2",
             "WORKER_SLOTS": "16",
             "SSE_PING_SECONDS": "3",
@@ -66,7 +66,7 @@ def rstack(tmp_path_factory):
 
 def live_workers(s: Stack) -> list[str]:
     r = redis_lib.Redis.from_url(s.redis_url)
-    return [w.decode() for w in r.zrangebyscore("llmq:workers", time.time() - 6, "+inf")]
+    return [w.decode() for w in r.zrangebyscore("llmq:workers", time.time() - 4, "+inf")]
 
 
 def wait_workers(s: Stack, n: int, timeout: float = 600) -> None:
@@ -177,10 +177,11 @@ async def test_batch_survives_api_and_worker_restarts(rstack):
             "custom_id": f"r{i}",
             "method": "POST",
             "url": "/v1/chat/completions",
-            # Long enough that the batch cannot finish while the API restarts (it did once at 48).
-            "body": {"model": MODEL, "messages": STORY, "max_tokens": 800, "temperature": 0, "ignore_eos": True},
+            # 6 s a line, 24 at a time: four waves, so lines are still to run when the
+            # API restarts and when the workers are killed.
+            "body": {"model": MODEL, "messages": STORY, "max_tokens": 480, "temperature": 0, "ignore_eos": True},
         }
-        for i in range(40)
+        for i in range(80)
     ]
     data = "".join(json.dumps(x) + "\n" for x in lines).encode()
     f = c.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
@@ -194,17 +195,21 @@ async def test_batch_survives_api_and_worker_restarts(rstack):
     rstack.wait_ready(MODEL, timeout=120)
     done_before = completed()
     await wait_for(lambda: completed() > done_before, 120, step=0.5)
-    # Now the worker: killed mid-batch, another one started.
+    # Now the workers: killed mid-batch, another one started.
+    assert completed() < 80, "the batch ended before its workers could be killed"
     for w in live_workers(rstack):
         rstack.kill(w.split("@")[0])
     rstack.start_worker("we")
     await wait_for(lambda: client(rstack).batches.retrieve(batch.id).status == "completed", 400, step=1)
     final = client(rstack).batches.retrieve(batch.id)
-    assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (40, 40, 0)
+    assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (80, 80, 0)
     out = [json.loads(x) for x in client(rstack).files.content(final.output_file_id).text.splitlines()]
-    assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(40))
-    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 800 for o in out)
+    assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(80))
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 480 for o in out)
     assert final.error_file_id is None
+    # Lines cut off by the killed workers ran again.
+    attempts = [job_field(rstack, f"chatcmpl-{batch.id.removeprefix('batch_')}-{i}", "attempt") for i in range(80)]
+    assert "2" in attempts
 
 
 async def test_slow_reader_is_cut_off_without_hurting_others(rstack):
