@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from common import keys
 from common.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
-from common.jobs import ModelCard, WorkerInfo
+from common.jobs import ModelCard
 from common.workers import live_workers
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,11 @@ class ModelCatalog:
         self._loading: dict[str, asyncio.Task[ChatTokenizer]] = {}
         self._dir = tempfile.TemporaryDirectory(prefix="llmq-tokenizers-")
 
-    async def live_workers(self) -> list[WorkerInfo]:
-        """The workers whose heartbeat is fresh."""
-        return await live_workers(self.redis, self.worker_ttl)
-
     async def live_models(self, fresh: bool = False) -> dict[str, ModelCard]:
         now = time.time()
         if not fresh and self._live and now - self._live[0] < self.cache_seconds:
             return self._live[1]
-        names = {w.model for w in await self.live_workers()}
+        names = {w.model for w in await live_workers(self.redis, self.worker_ttl)}
         models: dict[str, ModelCard] = {}
         if names:
             ordered = sorted(names)

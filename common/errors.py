@@ -4,6 +4,7 @@ ServiceError                  500 server_error
 ├── InvalidRequestError       400 invalid_request_error
 │   └── ContextLengthError    400 invalid_request_error / context_length_exceeded
 ├── NotFoundError             404 invalid_request_error / model_not_found, ...
+├── ConflictError             409 invalid_request_error (e.g. cancelling a job that ended)
 ├── ServiceUnavailableError   503 service_unavailable (e.g. Redis unreachable)
 └── EngineError               500 server_error (the engine failed on a job)
 """
@@ -60,6 +61,11 @@ class NotFoundError(ServiceError):
 
 class ModelNotFoundError(NotFoundError):
     default_code = "model_not_found"
+
+
+class ConflictError(ServiceError):
+    status_code = 409
+    error_type = "invalid_request_error"
 
 
 class ServiceUnavailableError(ServiceError):

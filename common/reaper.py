@@ -30,7 +30,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import RedisError
 
 from common import keys
-from common.errors import ServiceError
+from common.errors import ServiceUnavailableError
 from common.jobs import JobRecord
 from common.jobstore import JobStore
 from common.settings import Settings
@@ -40,26 +40,21 @@ log = logging.getLogger(__name__)
 Requeue = Callable[[str, str, int], Awaitable[None]]
 
 
-class WorkerLostError(ServiceError):
-    status_code = 503
-    error_type = "service_unavailable"
+class WorkerLostError(ServiceUnavailableError):
     default_code = "worker_lost"
 
 
-class QueueTimeoutError(ServiceError):
-    status_code = 503
-    error_type = "service_unavailable"
+class QueueTimeoutError(ServiceUnavailableError):
     default_code = "queue_timeout"
 
 
-class ModelUnavailableError(ServiceError):
-    status_code = 503
-    error_type = "service_unavailable"
+class ModelUnavailableError(ServiceUnavailableError):
     default_code = "model_unavailable"
 
 
-def priority_of(record: JobRecord) -> int:
-    return keys.BATCH_PRIORITY if record.batch else keys.CHAT_PRIORITY
+def priority_of(batch: str | None) -> int:
+    """Broker priority of a job: a batch's line after interactive chat."""
+    return keys.BATCH_PRIORITY if batch else keys.CHAT_PRIORITY
 
 
 class Reaper:
@@ -104,7 +99,7 @@ class Reaper:
                 continue
             log.warning("job %s: lease of %s lapsed (attempt %d); %s", job_id, record.worker, record.attempt, action)
             if action == "requeued":
-                await self.requeue(job_id, record.model, priority_of(record))
+                await self.requeue(job_id, record.model, priority_of(record.batch))
             done.append((job_id, action))
         return done
 
@@ -124,7 +119,7 @@ class Reaper:
             if action == "wait":
                 continue
             if action == "resend":
-                await self.requeue(job_id, record.model, priority_of(record))
+                await self.requeue(job_id, record.model, priority_of(record.batch))
             elif action == "failed":
                 log.warning("job %s: never started; failed (%s)", job_id, record.model)
             done.append((job_id, action))

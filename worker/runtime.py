@@ -278,12 +278,12 @@ class WorkerRuntime:
         assert self.store is not None
         send = not self.dead
         try:
-            record = await self.store.get(job_id)
-            if record is None or await self.store.release(job_id, attempt, self.worker_id, due_now=not send) != 2:
+            if await self.store.release(job_id, attempt, self.worker_id, due_now=not send) != 2:
                 return
             log.warning("job %s (attempt %d) given back to the queue", job_id, attempt)
             if send:
-                await self._requeue(job_id, record.model, priority_of(record))
+                model, batch = await self.redis.hmget(keys.job(job_id), ["model", "batch"])
+                await self._requeue(job_id, keys.text(model), priority_of(batch and keys.text(batch)))
         except (RedisError, OSError, ServiceError) as exc:
             log.warning("could not give job %s back (%s); its lease will lapse", job_id, exc)
 

@@ -15,7 +15,7 @@ from api.batches.runner import BatchRunner
 from api.files import FileStore
 from common import keys
 from common.batches import BatchObject, BatchStatus, batch_to_redis
-from common.errors import InvalidRequestError, NotFoundError, ServiceError
+from common.errors import ConflictError, InvalidRequestError, NotFoundError
 
 
 class BatchCreate(BaseModel):
@@ -29,9 +29,7 @@ class BatchNotFoundError(NotFoundError):
     default_code = "batch_not_found"
 
 
-class BatchConflictError(ServiceError):
-    status_code = 409
-    error_type = "invalid_request_error"
+class BatchConflictError(ConflictError):
     default_code = "batch_not_cancellable"
 
 

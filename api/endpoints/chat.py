@@ -184,10 +184,9 @@ class ChatAdapter:
     # -- reading ----------------------------------------------------------------------
 
     async def view(self, job_id: str) -> tuple[JobView, JobRecord]:
-        try:
-            record = await self.pipeline.get(job_id)
-        except JobNotFoundError:
-            raise JobNotFoundError(f"No chat completion job found with id '{job_id}'.", param="completion_id") from None
+        record = await self.pipeline.get(job_id)
+        if record is None:
+            raise JobNotFoundError(f"No chat completion job found with id '{job_id}'.", param="completion_id")
         n = record.request.sampling.n if record.request else 1
         return JobView(
             record.id, record.model, int(record.created), n, record.options.include_usage, record.options.background

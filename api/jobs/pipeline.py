@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from api.jobs.reader import JobReader
 from api.relay import StreamRelay, Subscription
 from common import keys
-from common.errors import NotFoundError, ServiceError, ServiceUnavailableError
+from common.errors import ConflictError, NotFoundError, ServiceUnavailableError
 from common.job_queue import JobQueue
 from common.jobs import ChunkEvent, JobRecord, JobStatus
 from common.jobstore import JobStore
@@ -31,9 +31,7 @@ class JobNotFoundError(NotFoundError):
     default_code = "job_not_found"
 
 
-class JobConflictError(ServiceError):
-    status_code = 409
-    error_type = "invalid_request_error"
+class JobConflictError(ConflictError):
     default_code = "job_not_cancellable"
 
 
@@ -76,11 +74,8 @@ class JobPipeline:
             await self.queue.submit(record.id, record.model, priority)
         return created
 
-    async def get(self, job_id: str) -> JobRecord:
-        record = await self.store.get(job_id)
-        if record is None:
-            raise JobNotFoundError(f"No job found with id '{job_id}'.", param="completion_id")
-        return record
+    async def get(self, job_id: str) -> JobRecord | None:
+        return await self.store.get(job_id)
 
     def follow(
         self, job_id: str, after: int = -1, subscription: Subscription | None = None

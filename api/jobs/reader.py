@@ -65,7 +65,9 @@ class JobReader:
                     next_seq = event.seq + 1
                     if event.kind != "delta":
                         return
-                if not caught_up and await self._ended_before(job_id, next_seq):
+                # (An empty read from seq 0 is an empty log: nothing has ended. This skips a
+                # round trip at the start of every new stream.)
+                if not caught_up and next_seq > 0 and await self._ended_before(job_id, next_seq):
                     return
                 # Then follow the channel until it has nothing (gap, interruption, silence).
                 while True:
