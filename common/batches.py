@@ -109,7 +109,6 @@ def batch_from_redis(data: dict[Any, Any], ended: dict[str, int] | None = None) 
     `ended`: the sizes of its per-status sets, used while the batch runs."""
     fields: dict[str, Any] = {}
     counters = dict.fromkeys(COUNTERS, 0)
-    final = any(text(k) == "n_final" for k in data)
     for raw_key, raw in data.items():
         key, value = text(raw_key), text(raw)
         if key.startswith("n_"):
@@ -118,7 +117,9 @@ def batch_from_redis(data: dict[Any, Any], ended: dict[str, int] | None = None) 
             fields[key] = value
         elif key in BatchObject.model_fields:
             fields[key] = json.loads(value)
-    if ended is not None and not final:
+    # Once the batch has ended, the counts its end wrote into the record stand (lines
+    # never run count as failed there).
+    if ended is not None and not BatchStatus(fields["status"]).terminal:
         counters.update(ended)
     fields["request_counts"] = RequestCounts(
         total=counters["total"], completed=counters["completed"], failed=counters["failed"]

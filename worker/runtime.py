@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common import keys
@@ -92,7 +93,7 @@ class WorkerRuntime:
         self._lost: set[str] = set()
         self._releasing: dict[str, asyncio.Future[None]] = {}
         self.dead = False
-        self.redis: Any = None
+        self.redis: aioredis.Redis | None = None
         self.store: JobStore | None = None
         self.publisher: ChunkPublisher | None = None
         self.card: ModelCard | None = None
@@ -184,7 +185,7 @@ class WorkerRuntime:
         now = time.time()
         async with self.redis.pipeline(transaction=True) as pipe:
             if not have_bundle:
-                pipe.hset(bundle, mapping=self._tokenizer_files)
+                pipe.hset(bundle, mapping=self._tokenizer_files)  # type: ignore[arg-type]
             pipe.expire(bundle, s.job_ttl_seconds)
             pipe.set(keys.model_card(s.model_name), self.card.model_dump_json(), ex=s.job_ttl_seconds)
             pipe.set(keys.worker(self.worker_id), info.model_dump_json(), ex=ttl)
@@ -193,6 +194,7 @@ class WorkerRuntime:
             await pipe.execute()
 
     async def _unregister(self) -> None:
+        assert self.redis is not None
         try:
             await self.redis.zrem(keys.WORKERS, self.worker_id)
             await self.redis.delete(keys.worker(self.worker_id))
@@ -282,8 +284,9 @@ class WorkerRuntime:
                 return
             log.warning("job %s (attempt %d) given back to the queue", job_id, attempt)
             if send:
+                assert self.redis is not None
                 model, batch = await self.redis.hmget(keys.job(job_id), ["model", "batch"])
-                await self._requeue(job_id, keys.text(model), priority_of(batch and keys.text(batch)))
+                await self._requeue(job_id, keys.text(model), priority_of(keys.text(batch) if batch else None))
         except (RedisError, OSError, ServiceError) as exc:
             log.warning("could not give job %s back (%s); its lease will lapse", job_id, exc)
 

@@ -342,8 +342,6 @@ class BatchRunner:
             time.time()
         )
         # The final counts (lines never run count as failed), kept in the record from now on.
-        await self.redis.hset(
-            keys.batch(batch_id), mapping={"n_completed": completed, "n_failed": failed, "n_final": 1}
-        )
+        await self.redis.hset(keys.batch(batch_id), mapping={"n_completed": completed, "n_failed": failed})
         await set_fields(self.redis, batch_id, **fields)
         await self.redis.srem(keys.ACTIVE_BATCHES, batch_id)
