@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.auth import Principal, principal_of
 from api.batches.service import BatchService
 from api.catalog import ModelCatalog
 from api.endpoints.chat import ChatAdapter
@@ -32,3 +33,5 @@ ChatDep = Annotated[ChatAdapter, Depends(_chat)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 BatchesDep = Annotated[BatchService, Depends(_batches)]
+# The caller, as the auth middleware identified it.
+PrincipalDep = Annotated[Principal, Depends(principal_of)]

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from common.errors import InvalidRequestError, ServiceError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(text: str | None) -> str | None:
+    """Text a UTF-8 response can carry: a lone surrogate echoed from a request (a field
+    name, say) becomes U+FFFD instead of failing the response."""
+    return text if text is None or text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
 def error_response(exc: ServiceError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+    content = exc.to_dict()
+    error = content["error"]
+    error["message"], error["param"] = _encodable(error["message"]), _encodable(error["param"])
+    return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers or None)
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
@@ -29,9 +43,25 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return InvalidRequestError("the request body is not valid JSON")
+    if first.get("type") == "lone_surrogate":
+        # Raised for the whole request; the field is in the error's context.
+        param = ".".join(p for p in [*loc, str((first.get("ctx") or {}).get("param", ""))] if p) or None
+    param = _encodable(param)
     if first.get("type") == "missing":
+        if param is None:
+            return InvalidRequestError("the request body is missing")
         return InvalidRequestError(f"missing required parameter: '{param}'", param=param)
     return InvalidRequestError(f"{param}: {msg}" if param else msg, param=param)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path (for a 405's `Allow`)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and isinstance(route, Route) and route.methods:
+            methods |= route.methods
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -44,8 +74,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = ServiceError(str(exc.detail), code=None)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route matching the path; the path may have more.
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        err = ServiceError(str(exc.detail), code=None, headers=headers)
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(err)

@@ -1,6 +1,7 @@
 """FileStore: the Files API's files, bytes on disk (a folder API processes and batch
 runners share), metadata in Redis. Uploads are copied to disk in 1 MiB pieces, never
-held in memory whole."""
+held in memory whole. Every file belongs to the API key that uploaded it (a batch's
+output files to the batch's owner); another key is told it does not exist."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import IO, Any
 
 import redis.asyncio as aioredis
 
+from api.auth import Principal
 from common import keys
 from common.batches import FileObject
 from common.errors import InvalidRequestError, NotFoundError, ServiceError
@@ -52,7 +54,7 @@ class FileStore:
     def path(self, file_id: str) -> Path:
         return self.folder / Path(file_id).name
 
-    async def save(self, src: IO[bytes], filename: str, purpose: str) -> FileObject:
+    async def save(self, src: IO[bytes], filename: str, purpose: str, owner: str) -> FileObject:
         if purpose not in PURPOSES:
             raise InvalidRequestError(f"purpose must be one of {sorted(PURPOSES)}", param="purpose")
         file_id = f"file-{uuid.uuid4().hex}"
@@ -62,30 +64,38 @@ class FileStore:
             os.replace(part, self.path(file_id))
         finally:
             part.unlink(missing_ok=True)
-        return await self._register(file_id, filename, purpose, size)
+        return await self._register(file_id, filename, purpose, size, owner)
 
-    async def adopt(self, tmp: Path, filename: str, purpose: str) -> FileObject:
+    async def adopt(self, tmp: Path, filename: str, purpose: str, owner: str) -> FileObject:
         """Register a file the service wrote itself (batch output) under a new id."""
         file_id = f"file-{uuid.uuid4().hex}"
         os.replace(tmp, self.path(file_id))
-        return await self._register(file_id, filename, purpose, self.path(file_id).stat().st_size)
+        return await self._register(file_id, filename, purpose, self.path(file_id).stat().st_size, owner)
 
-    async def _register(self, file_id: str, filename: str, purpose: str, size: int) -> FileObject:
-        obj = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=filename, purpose=purpose)
+    async def _register(self, file_id: str, filename: str, purpose: str, size: int, owner: str) -> FileObject:
+        obj = FileObject(
+            id=file_id, bytes=size, created_at=int(time.time()), filename=filename, purpose=purpose
+        ).owned_by(owner)
+        now = time.time()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.file(file_id), mapping=obj.to_redis())  # type: ignore[arg-type]
-            pipe.zadd(keys.FILES, {file_id: time.time()})
+            pipe.zadd(keys.FILES, {file_id: now})
+            pipe.zadd(keys.owned_files(owner), {file_id: now})
             await pipe.execute()
         return obj
 
-    async def get(self, file_id: str) -> FileObject:
+    async def get(self, file_id: str, caller: Principal) -> FileObject:
         raw = await self.redis.hgetall(keys.file(file_id))
-        if not raw:
+        obj = FileObject.from_redis(raw) if raw else None
+        if obj is None or not caller.owns(obj.owner):
             raise FileNotFoundError_(f"No such File object: {file_id}", param="file_id")
-        return FileObject.from_redis(raw)
+        return obj
 
-    async def list_files(self, purpose: str | None, limit: int, after: str | None, order: str) -> list[FileObject]:
-        ids = await self.redis.zrange(keys.FILES, 0, -1, desc=(order == "desc"))
+    async def list_files(
+        self, caller: Principal, purpose: str | None, limit: int, after: str | None, order: str
+    ) -> list[FileObject]:
+        index = keys.FILES if caller.admin else keys.owned_files(caller.key_id)
+        ids = await self.redis.zrange(index, 0, -1, desc=(order == "desc"))
         names = [keys.text(i) for i in ids]
         if after is not None and after in names:
             names = names[names.index(after) + 1 :]
@@ -100,11 +110,12 @@ class FileStore:
                     out.append(obj)
         return out
 
-    async def delete(self, file_id: str) -> dict[str, Any]:
-        await self.get(file_id)
+    async def delete(self, file_id: str, caller: Principal) -> dict[str, Any]:
+        obj = await self.get(file_id, caller)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.file(file_id))
             pipe.zrem(keys.FILES, file_id)
+            pipe.zrem(keys.owned_files(obj.owner), file_id)
             await pipe.execute()
         self.path(file_id).unlink(missing_ok=True)
         return {"id": file_id, "object": "file", "deleted": True}

@@ -11,7 +11,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from api.admission import Admission
+from api.auth import AuthMiddleware, KeyRing
 from api.batches.runner import BatchRunner
 from api.batches.service import BatchService
 from api.catalog import ModelCatalog
@@ -19,6 +22,8 @@ from api.endpoints.chat import ChatAdapter
 from api.errors import install_error_handlers
 from api.files import FileStore
 from api.jobs.pipeline import JobPipeline
+from api.limits import install_limits
+from api.openapi import customize_openapi
 from api.relay import StreamRelay
 from api.routes import batches as batch_routes
 from api.routes import chat, health, models
@@ -39,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await relay.start()
         catalog = ModelCatalog(redis, settings.worker_ttl_seconds)
         queue = JobQueue(settings.redis_url, settings.broker_visibility_timeout)
-        pipeline = JobPipeline(settings, redis, relay, queue)
+        pipeline = JobPipeline(settings, redis, relay, queue, Admission(settings, redis))
         chat_adapter = ChatAdapter(settings, pipeline, catalog)
         files = FileStore(redis, Path(settings.files_dir), settings.upload_max_bytes)
         runner = BatchRunner(settings, redis, files, chat_adapter, pipeline)
@@ -72,11 +77,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="llmq: queue-based LLM inference", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    # Hostile input: header and body size, JSON depth, UTF-8 (api/limits.py); 431/413/400.
+    install_limits(app, settings)
+    # API keys on every route but GET /health and /v1/health (read once, at start-up).
+    keyring = KeyRing.from_settings(settings)
+    if keyring.open:
+        logging.getLogger(__name__).warning("no API_KEYS configured: the API is open to anyone who can reach it")
+    app.add_middleware(AuthMiddleware, ring=keyring)
     app.include_router(chat.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(file_routes.router)
     app.include_router(batch_routes.router)
+    # CORS (issue 8), only for the configured origins (none: no CORS headers at all). Added
+    # last, so it is the outermost middleware: it answers preflights (OPTIONS, which never
+    # carry an API key) before anything that checks keys. Request headers are mirrored
+    # (Authorization, Content-Type, Last-Event-ID, the official JS client's X-Stainless-*);
+    # no cookies, so no credentials mode.
+    if settings.cors_allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allowed_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            # Response headers page scripts may read.
+            expose_headers=[
+                "X-Request-Id",
+                "Retry-After",
+                *(f"x-ratelimit-{w}-{u}" for w in ("limit", "remaining", "reset") for u in ("requests", "tokens")),
+            ],
+            max_age=600,
+        )
+    # The OpenAPI document: 400s instead of 422s, the bearer API key, 401 on every protected operation.
+    customize_openapi(app, settings)
     return app
 
 

@@ -6,7 +6,7 @@ import enum
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from common.keys import text
 
@@ -21,13 +21,27 @@ class FileObject(BaseModel):
     status: str = "processed"
     expires_at: int | None = None
     status_details: str | None = None
+    # The id of the API key that owns it (not part of the API's object).
+    _owner: str = PrivateAttr(default="")
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    def owned_by(self, owner: str) -> FileObject:
+        self._owner = owner
+        return self
 
     def to_redis(self) -> dict[str, str]:
-        return {k: json.dumps(v) for k, v in self.model_dump().items()}
+        out = {k: json.dumps(v) for k, v in self.model_dump().items()}
+        out["owner"] = json.dumps(self._owner)
+        return out
 
     @classmethod
     def from_redis(cls, data: dict[Any, Any]) -> FileObject:
-        return cls.model_validate({text(k): json.loads(v) for k, v in data.items()})
+        fields = {text(k): json.loads(v) for k, v in data.items()}
+        owner = fields.pop("owner", "")
+        return cls.model_validate(fields).owned_by(owner)
 
 
 class BatchStatus(enum.StrEnum):
@@ -84,10 +98,20 @@ class BatchObject(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts = Field(default_factory=RequestCounts)
     metadata: dict[str, str] | None = None
+    # The id of the API key that owns it (not part of the API's object).
+    _owner: str = PrivateAttr(default="")
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    def owned_by(self, owner: str) -> BatchObject:
+        self._owner = owner
+        return self
 
 
 # Batch record fields that are plain strings in the Redis hash; the rest are JSON.
-_PLAIN = {"id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id"}
+_PLAIN = {"id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id", "owner"}
 # Counters: `total` and `dispatched` (lines handed out, a high-water mark) live in the
 # record; the ended lines are counted from the batch's per-status sets (`ended`), until
 # the batch ends and its final counts are written into the record.
@@ -101,6 +125,7 @@ def batch_to_redis(batch: BatchObject) -> dict[str, str]:
         if value is None:
             continue
         out[key] = value if key in _PLAIN else json.dumps(value)
+    out["owner"] = batch.owner
     return out
 
 
@@ -108,11 +133,14 @@ def batch_from_redis(data: dict[Any, Any], ended: dict[str, int] | None = None) 
     """The batch object, and its counters (including `dispatched`: lines handed out).
     `ended`: the sizes of its per-status sets, used while the batch runs."""
     fields: dict[str, Any] = {}
+    owner = ""
     counters = dict.fromkeys(COUNTERS, 0)
     for raw_key, raw in data.items():
         key, value = text(raw_key), text(raw)
         if key.startswith("n_"):
             counters[key[2:]] = int(value)
+        elif key == "owner":
+            owner = value
         elif key in _PLAIN:
             fields[key] = value
         elif key in BatchObject.model_fields:
@@ -124,7 +152,7 @@ def batch_from_redis(data: dict[Any, Any], ended: dict[str, int] | None = None) 
     fields["request_counts"] = RequestCounts(
         total=counters["total"], completed=counters["completed"], failed=counters["failed"]
     )
-    return BatchObject.model_validate(fields), counters
+    return BatchObject.model_validate(fields).owned_by(owner), counters
 
 
 class FileList(BaseModel):

@@ -21,6 +21,10 @@ class JobQueue:
         self.app.conf.update(
             task_send_sent_event=True,  # Flower shows jobs from the moment they are queued
             task_ignore_result=True,
+            # JSON only (as the workers accept): the message is the job id, nothing else.
+            accept_content=["json"],
+            task_serializer="json",
+            event_serializer="json",
             broker_connection_retry_on_startup=True,
             broker_transport_options=keys.broker_transport_options(visibility_timeout),
         )

@@ -105,6 +105,8 @@ class JobRecord(BaseModel):
     usage: Usage | None = None
     result: JobResult | None = None
     error: dict[str, Any] | None = None
+    # The id of the API key that created it (its batch's, for a batch line); "" when open.
+    owner: str = ""
     # Set on the jobs of a batch: which batch, and the line's custom_id.
     batch: str | None = None
     custom_id: str | None = None
@@ -120,7 +122,7 @@ class JobRecord(BaseModel):
         fields: dict[str, Any] = {}
         for raw_key, raw in data.items():
             key, value = text(raw_key), text(raw)
-            if key in ("id", "model", "status", "worker", "batch", "custom_id", "claim"):
+            if key in ("id", "model", "status", "worker", "batch", "custom_id", "claim", "owner"):
                 fields[key] = value
             else:
                 fields[key] = json.loads(value)

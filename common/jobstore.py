@@ -32,7 +32,8 @@ from common import keys
 from common.jobs import ChunkEvent, JobRecord, JobStatus
 
 # Shared by the scripts that can end a job. KEYS: 1 job, 2 log, 3 leases, 4 queued,
-# [5 batch record, 6 batch slots of the model] (only for a batch's line).
+# 5 the model's waiting jobs, 6 the owner's active jobs, [7 batch record, 8 batch slots
+# of the model] (only for a batch's line).
 _LIB = """
 local function tokens_sent()
   local sent = 0
@@ -65,27 +66,54 @@ local function end_job(job_id, status, now, event, channel, ttl, progress)
   redis.call('HSET', KEYS[1], 'status', status, 'finished', now)
   redis.call('ZREM', KEYS[3], job_id)
   redis.call('ZREM', KEYS[4], job_id)
-  if #KEYS >= 6 then
-    redis.call('SADD', KEYS[5] .. ':' .. status, job_id)
-    redis.call('SREM', KEYS[6], job_id)
-    redis.call('PUBLISH', progress, KEYS[5])
+  redis.call('ZREM', KEYS[5], job_id)
+  redis.call('SREM', KEYS[6], job_id)
+  if #KEYS >= 8 then
+    redis.call('SADD', KEYS[7] .. ':' .. status, job_id)
+    redis.call('SREM', KEYS[8], job_id)
+    redis.call('PUBLISH', progress, KEYS[7])
   end
 end
 """
 
-# KEYS: job, queued. ARGV: ttl, next check, job id, field, value, ...
-# Writes a new record (1) unless one exists (0: a batch line handed out again).
+# KEYS: job, queued, the model's waiting jobs, the owner's active jobs. ARGV: ttl, next
+# check, job id, now, interactive (1/0), max waiting, max active (0: no limit), field,
+# value, ... Writes a new record: {1, 0}; or nothing: {0, 0} if it exists (a batch line
+# handed out again), {-1, waiting} if the model has too many interactive jobs waiting,
+# {-2, active} if the owner has too many interactive jobs queued or running. Admission
+# and writing are one step, so a burst cannot slip past a limit.
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0} end
+local interactive = ARGV[5] == '1'
+if interactive then
+  local max_waiting, max_active = tonumber(ARGV[6]), tonumber(ARGV[7])
+  if max_waiting > 0 then
+    local waiting = redis.call('ZCARD', KEYS[3])
+    if waiting >= max_waiting then return {-1, waiting} end
+  end
+  if max_active > 0 then
+    local active = redis.call('SCARD', KEYS[4])
+    if active >= max_active then return {-2, active} end
+  end
+end
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3]) end
-return 1
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  if interactive then
+    redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+    redis.call('EXPIRE', KEYS[3], ARGV[1])
+    redis.call('SADD', KEYS[4], ARGV[3])
+    redis.call('EXPIRE', KEYS[4], ARGV[1])
+  end
+end
+return {1, 0}
 """
 
-# KEYS: job, leases, queued. ARGV: job id, worker, now, lease until, claim token.
-# The new attempt's number, or the status that prevents starting. The same token again
-# (a retried call) answers the same attempt.
+# KEYS: job, leases, queued, the model's waiting jobs, the model's starts in this time
+# bucket. ARGV: job id, worker, now, lease until, claim token. The new attempt's number,
+# or the status that prevents starting. The same token again (a retried call) answers
+# the same attempt. Starts are counted per time bucket: the queue's drain rate.
 _CLAIM = """
 local st = redis.call('HMGET', KEYS[1], 'status', 'claim', 'attempt')
 if not st[1] then redis.call('ZREM', KEYS[3], ARGV[1]) return 'missing' end
@@ -96,6 +124,9 @@ redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[2], 'started
   'claim', ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('INCR', KEYS[5])
+redis.call('EXPIRE', KEYS[5], 120)
 return attempt
 """
 
@@ -157,7 +188,8 @@ return 1
 """
 )
 
-# KEYS: job, leases, queued. ARGV: job id, attempt, worker, now, next check.
+# KEYS: job, leases, queued, the model's waiting jobs. ARGV: job id, attempt, worker, now,
+# next check.
 # A worker gives a job back (its engine died, it is shutting down, its log went short):
 # queued again for another attempt. 2 if given back now, 1 if it was already (by an
 # earlier run of this call), 0 if the attempt does not hold it.
@@ -170,6 +202,7 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'queued_at', ARGV[4], 'requeued'
 redis.call('HDEL', KEYS[1], 'lease', 'claim')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+if redis.call('HEXISTS', KEYS[1], 'batch') == 0 then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
 return 2
 """
 
@@ -228,6 +261,7 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'queued_at', ARGV[2], 'requeued'
 redis.call('HDEL', KEYS[1], 'lease', 'claim')
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[10], ARGV[1])
+if redis.call('HEXISTS', KEYS[1], 'batch') == 0 then redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1]) end
 return 'requeued'
 """
 )
@@ -277,9 +311,16 @@ class JobStore:
         self._sweep = redis.register_script(_SWEEP)
 
     @staticmethod
-    def ending_keys(job_id: str, model: str, batch: str | None) -> list[str]:
+    def ending_keys(job_id: str, model: str, batch: str | None, owner: str = "") -> list[str]:
         """The keys a script that may end the job touches (see `_LIB`)."""
-        out = [keys.job(job_id), keys.job_log(job_id), keys.LEASES, keys.QUEUED]
+        out = [
+            keys.job(job_id),
+            keys.job_log(job_id),
+            keys.LEASES,
+            keys.QUEUED,
+            keys.waiting(model),
+            keys.active(owner),
+        ]
         if batch:
             out += [keys.batch(batch), keys.batch_slots(model)]
         return out
@@ -293,16 +334,34 @@ class JobStore:
 
     # -- creating and reading ------------------------------------------------------------
 
-    async def create(self, record: JobRecord, ttl: int | None = None) -> bool:
-        """Store a new job (queued jobs also enter the QUEUED index). False if a record
-        with its id exists already (it is left as it is)."""
+    async def create(
+        self, record: JobRecord, ttl: int | None = None, max_waiting: int = 0, max_active: int = 0
+    ) -> tuple[int, int]:
+        """Store a new job (queued jobs also enter the QUEUED index; interactive ones, not
+        a batch's lines, the model's waiting jobs and the owner's active jobs). Answers
+        (1, 0) if stored, (0, 0) if a record with its id exists already (it is left as it
+        is); or, for an interactive job, (-1, waiting) when its model has `max_waiting`
+        jobs waiting, (-2, active) when its owner has `max_active` jobs queued or running
+        (nothing written; 0: no limit)."""
         now = time.time()
         if record.status == JobStatus.queued and record.queued_at is None:
             record.queued_at = now
-        args: list[Any] = [ttl or self.ttl, now + self.resend_seconds, record.id]
+        interactive = record.batch is None
+        args: list[Any] = [
+            ttl or self.ttl,
+            now + self.resend_seconds,
+            record.id,
+            now,
+            1 if interactive else 0,
+            max_waiting,
+            max_active,
+        ]
         for name, value in record.to_redis().items():
             args += [name, value]
-        return bool(await self._create(keys=[keys.job(record.id), keys.QUEUED], args=args))
+        code, count = await self._create(
+            keys=[keys.job(record.id), keys.QUEUED, keys.waiting(record.model), keys.active(record.owner)], args=args
+        )
+        return int(code), int(count)
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self.redis.hgetall(keys.job(job_id))
@@ -317,11 +376,11 @@ class JobStore:
 
     # -- the worker's side ----------------------------------------------------------------
 
-    async def claim(self, job_id: str, worker_id: str, token: str, lease_seconds: float) -> int | str:
+    async def claim(self, job_id: str, model: str, worker_id: str, token: str, lease_seconds: float) -> int | str:
         """Start an attempt under a lease: its number, or the status that prevents it."""
         now = time.time()
         result = await self._claim(
-            keys=[keys.job(job_id), keys.LEASES, keys.QUEUED],
+            keys=[keys.job(job_id), keys.LEASES, keys.QUEUED, keys.waiting(model), keys.started(model, now)],
             args=[job_id, worker_id, now, now + lease_seconds, token],
         )
         return result if isinstance(result, int) else keys.text(result)
@@ -361,6 +420,7 @@ class JobStore:
         seq: int,
         fields: dict[str, Any],
         batch: str | None = None,
+        owner: str = "",
     ) -> Any:
         """Queue the job's last event and its terminal record fields (`status` among
         them), as one step."""
@@ -377,9 +437,9 @@ class JobStore:
         for name, value in fields.items():
             if value is not None:
                 values += [name, value if isinstance(value, str | int | float) else json.dumps(value)]
-        return await self._finish(keys=self.ending_keys(job_id, model, batch), args=values, client=pipe)
+        return await self._finish(keys=self.ending_keys(job_id, model, batch, owner), args=values, client=pipe)
 
-    async def release(self, job_id: str, attempt: int, worker_id: str, due_now: bool = False) -> int:
+    async def release(self, job_id: str, model: str, attempt: int, worker_id: str, due_now: bool = False) -> int:
         """Give a job back to the queue: 2 if given back now (the caller then sends its
         message, or with `due_now` leaves that to the next sweep), 1 if it already was
         (if that message was lost, the sweeper resends it), 0 if the attempt does not
@@ -387,7 +447,7 @@ class JobStore:
         now = time.time()
         return int(
             await self._release(
-                keys=[keys.job(job_id), keys.LEASES, keys.QUEUED],
+                keys=[keys.job(job_id), keys.LEASES, keys.QUEUED, keys.waiting(model)],
                 args=[job_id, attempt, worker_id, now, now if due_now else now + self.resend_seconds],
             )
         )
@@ -408,7 +468,7 @@ class JobStore:
         worker is to abort it)."""
         n, prompt = self._shape(record)
         result = await self._cancel(
-            keys=self.ending_keys(record.id, record.model, record.batch),
+            keys=self.ending_keys(record.id, record.model, record.batch, record.owner),
             args=[record.id, time.time(), keys.job_channel(record.id), self.ttl, n, prompt, keys.BATCH_PROGRESS],
         )
         return keys.text(result)
@@ -418,7 +478,7 @@ class JobStore:
         n, prompt = self._shape(record)
         now = time.time()
         result = await self._reap(
-            keys=self.ending_keys(record.id, record.model, record.batch),
+            keys=self.ending_keys(record.id, record.model, record.batch, record.owner),
             args=[
                 record.id,
                 now,
@@ -439,7 +499,7 @@ class JobStore:
         with `error` (`failed`)."""
         now = time.time()
         result = await self._sweep(
-            keys=self.ending_keys(record.id, record.model, record.batch),
+            keys=self.ending_keys(record.id, record.model, record.batch, record.owner),
             args=[
                 record.id,
                 now,

@@ -33,6 +33,41 @@ def job(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
 
 
+def waiting(model: str) -> str:
+    """Sorted set: the interactive jobs (not a batch's lines) of `model` that are queued,
+    by the time they entered the queue. Its size is what admission control limits."""
+    return f"{PREFIX}waiting:{model}"
+
+
+def active(owner: str) -> str:
+    """Set: the interactive jobs of an API key (its id) that are queued or running."""
+    return f"{PREFIX}active:{owner}"
+
+
+STARTS_BUCKET_SECONDS = 5
+
+
+def started(model: str, when: float) -> str:
+    """Counter with a TTL: the jobs of `model` started in the time bucket holding `when`
+    (the queue's drain rate, from which a refused client is told when to retry)."""
+    return f"{PREFIX}started:{model}:{int(when // STARTS_BUCKET_SECONDS)}"
+
+
+def requests_window(owner: str, minute: int) -> str:
+    """Counter with a TTL: an API key's chat requests in one minute."""
+    return f"{PREFIX}rpm:{owner}:{minute}"
+
+
+def owned_files(owner: str) -> str:
+    """Sorted set: an API key's file ids by creation time."""
+    return f"{PREFIX}files:owner:{owner}"
+
+
+def owned_batches(owner: str) -> str:
+    """Sorted set: an API key's batch ids by creation time."""
+    return f"{PREFIX}batches:owner:{owner}"
+
+
 def job_channel(job_id: str) -> str:
     """Pub/sub channel carrying one job's chunk events."""
     return f"{PREFIX}chunks:{job_id}"

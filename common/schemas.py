@@ -2,23 +2,132 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError, PydanticSerializationError, to_json
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
+# Integer bounds: nothing larger reaches the engine, JSON or Redis. A seed is a signed
+# 64-bit integer (as OpenAI's and vLLM's); token counts fit 32 bits.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def _children(value: Any) -> Iterator[tuple[Any, Any]] | None:
+    if isinstance(value, dict):
+        return iter(value.items())
+    if isinstance(value, list | tuple):
+        return enumerate(value)
+    return None
+
+
+def find_lone_surrogate(value: Any) -> str | None:
+    """The path (`messages.0.content`, "" for `value` itself) of the first string or
+    object key in parsed JSON holding a UTF-16 surrogate, which no UTF-8 text can carry
+    (JSON can: `"\\ud800"`); None if there is none. Iterative: any depth."""
+    if isinstance(value, str):
+        return "" if _has_surrogate(value) else None
+    try:
+        to_json(value)  # fast, in Rust, and fails on a surrogate (or on what is not JSON)
+        return None
+    except PydanticSerializationError:
+        pass
+    root = _children(value)
+    if root is None:
+        return None
+    path: list[str] = []
+    stack = [root]
+    while stack:
+        for key, child in stack[-1]:
+            if isinstance(key, str) and _has_surrogate(key):
+                return ".".join([*path, _SURROGATE.sub("\ufffd", key)])
+            if isinstance(child, str):
+                if _has_surrogate(child):
+                    return ".".join([*path, str(key)])
+                continue
+            below = _children(child)
+            if below is not None:
+                path.append(str(key))
+                stack.append(below)
+                break
+        else:
+            stack.pop()
+            if path:
+                path.pop()
+    return None
+
+
+# The documented schemas (OpenAPI) say exactly what the validators below accept; the
+# checks themselves stay in the validators, whose messages clients see.
+def _text_part_schema(schema: dict[str, Any]) -> None:
+    schema["properties"]["type"] = {"const": "text", "type": "string", "title": "Type"}
+    schema["properties"]["text"] = {"type": "string", "title": "Text"}
+    schema["required"] = ["type", "text"]
+
+
+def _message_schema(schema: dict[str, Any]) -> None:
+    # Content is required, except in an assistant message carrying tool calls.
+    schema["anyOf"] = [
+        {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}},
+        {
+            "required": ["role", "tool_calls"],
+            "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}},
+        },
+    ]
+
+
+def _request_schema(schema: dict[str, Any]) -> None:
+    props = schema["properties"]
+    props["stop"] = {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 16},
+            {"type": "null"},
+        ],
+        "title": "Stop",
+        "description": "Up to 16 non-empty stop sequences.",
+    }
+    props["logprobs"] = {"enum": [False, None], "title": "Logprobs", "description": "Not supported."}
+    props["top_logprobs"] = {"enum": [0, None], "title": "Top Logprobs", "description": "Not supported."}
+    schema["allOf"] = [
+        # stream_options only with stream: true.
+        {
+            "anyOf": [
+                {"required": ["stream"], "properties": {"stream": {"const": True}}},
+                {"properties": {"stream_options": {"type": "null"}}},
+            ]
+        },
+        # No tool calling: tools only with tool_choice "none" (or none at all).
+        {
+            "anyOf": [
+                {"properties": {"tools": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}},
+                {"properties": {"tool_choice": {"enum": [None, "none"]}}},
+            ]
+        },
+    ]
+
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_text_part_schema)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_message_schema)
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -42,6 +151,11 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text or "" for part in self.content)
 
+    def text_chars(self) -> int:
+        """Characters of what the chat template renders from this message."""
+        chars = len(self.text()) + len(self.name or "") + len(self.tool_call_id or "")
+        return chars + (len(json.dumps(self.tool_calls, ensure_ascii=False, default=str)) if self.tool_calls else 0)
+
     def for_template(self) -> dict[str, Any]:
         """The message as a chat template expects it (plain string content)."""
         out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
@@ -61,26 +175,28 @@ class StreamOptions(BaseModel):
 
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
+    type: str = Field(json_schema_extra={"const": "text"}, description="Only `text` is supported.")
 
 
 class ChatCompletionRequest(BaseModel):
     """`POST /v1/chat/completions`. Unknown fields are accepted and ignored, as clients
-    such as chat front ends send extras (user, metadata, ...)."""
+    such as chat front ends send extras (user, metadata, ...). `min_tokens` must not
+    exceed the (resolved) `max_tokens`, and the prompt plus `max_tokens` must fit the
+    model's context."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_request_schema)
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     stop: list[str] | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    n: int = Field(default=1, ge=1, le=INT32_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
@@ -90,13 +206,27 @@ class ChatCompletionRequest(BaseModel):
     background: bool = False
     # vLLM extensions, handy for benchmarks and evaluation harnesses.
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     # Accepted only in the forms this service can honour (checked below).
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """No string anywhere (extras included) may hold a lone surrogate: no tokenizer,
+        Redis or JSON response can encode it. The error names the field."""
+        param = find_lone_surrogate(data)
+        if param is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "the string holds a lone UTF-16 surrogate, which is not valid Unicode",
+                {"param": param},
+            )
+        return data
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -1,13 +1,48 @@
-"""Service settings, read from the environment (and a `.env` file) by both API and workers."""
+"""Service settings, read by both API and workers from the environment, the YAML file named
+by CONFIG_PATH, and a `.env` file (in that order of precedence)."""
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import yaml
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class ConfigError(RuntimeError):
+    """The configuration file (CONFIG_PATH) is missing or unusable."""
+
+
+# A browser's Origin header: scheme://host[:port], nothing after.
+_ORIGIN = re.compile(r"https?://[^/\s?#]+")
+
+
+def _yaml_source(settings_cls: type[BaseSettings], path: Path) -> YamlConfigSettingsSource:
+    """The settings in the YAML file `path` (CONFIG_PATH), checked: it exists, parses to
+    a mapping, and names only known settings (a typo must not pass unnoticed)."""
+    if not path.is_file():
+        raise ConfigError(f"CONFIG_PATH={path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"CONFIG_PATH={path}: cannot read it as YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"CONFIG_PATH={path}: expected a mapping of setting: value, got {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if str(k).lower() not in settings_cls.model_fields)
+    if unknown:
+        raise ConfigError(f"CONFIG_PATH={path}: unknown setting(s): {', '.join(unknown)}")
+    return YamlConfigSettingsSource(settings_cls, yaml_file=path)
 
 
 class Settings(BaseSettings):
@@ -17,6 +52,21 @@ class Settings(BaseSettings):
     # Connections one process keeps to Redis; a command finding all busy waits this long.
     redis_max_connections: int = Field(default=256, ge=4)
     redis_pool_timeout_seconds: float = Field(default=20.0, gt=0)
+
+    # API keys and admission control (see api/auth.py, api/admission.py).
+    # Bearer keys, comma-separated, and/or a file with one key per line. None configured:
+    # the API is open (anyone reaching it may use it), and `make run` listens on loopback.
+    api_keys: str = ""
+    api_keys_file: str | None = None
+    # Keys that may also see and cancel every key's jobs, files and batches.
+    admin_api_keys: str = ""
+    # Interactive jobs one model may have waiting (queued, not started); past it a new
+    # request gets a 429 with Retry-After. 0: four times the live workers' slots.
+    max_queued_jobs: int = Field(default=0, ge=0)
+    # Per key: interactive jobs queued or running at once, and chat requests a minute
+    # (0: no limit). Refused with a 429 and x-ratelimit-* headers.
+    max_concurrent_jobs_per_key: int = Field(default=0, ge=0)
+    requests_per_minute_per_key: int = Field(default=0, ge=0)
 
     # The model a worker serves: a local checkpoint folder (or a hub id where a hub is
     # reachable), published to clients under `model_name`.
@@ -71,6 +121,22 @@ class Settings(BaseSettings):
     sse_send_timeout_seconds: float = Field(default=30.0, gt=0)
     max_n: int = Field(default=16, ge=1)
 
+    # Request limits (hostile input): each is answered with a 4xx OpenAI error before the
+    # request is parsed further, tokenized or queued (api/limits.py).
+    # Bytes of a request body (413 beyond), counted as they arrive; `POST /v1/files`
+    # has `upload_max_bytes` instead.
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Bytes of all request header lines together (431 beyond).
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    # Nesting of arrays and objects in a JSON body (400 beyond).
+    max_json_depth: int = Field(default=64, ge=4)
+    # Messages in one chat request, and characters of their text together (400 beyond):
+    # tokenizing costs the API about 170 bytes of memory per character.
+    max_messages: int = Field(default=2048, ge=1)
+    max_prompt_chars: int = Field(default=1024 * 1024, ge=1)
+    # n × max_tokens of one request (400 beyond; a max_tokens left out is cut to fit).
+    max_total_completion_tokens: int = Field(default=262_144, ge=1)
+
     # Batch API: where files live (shared by API processes), and the input limits.
     files_dir: str = "var/files"
     batch_max_lines: int = Field(default=50_000, ge=1)
@@ -79,6 +145,60 @@ class Settings(BaseSettings):
     # Batch lines in flight may take at most this share of the live workers' slots; the
     # rest stays free for interactive chat.
     batch_slot_share: float = Field(default=0.75, gt=0, le=1)
+
+    # --- Deployment: configuration file, CORS, Flower (issue 8) -----------------------
+    # Where settings come from, first match wins: environment variables, the YAML file
+    # named by the CONFIG_PATH environment variable (keys: these settings' names, e.g.
+    # `max_n: 8`), the `.env` file, the defaults. A CONFIG_PATH naming no file, a YAML
+    # that is not a mapping, or an unknown key stops the process with a ConfigError.
+    # Origins whose browser pages may call the API (CORS), e.g. `https://app.example.com`;
+    # comma-separated in the environment, a list or that string in YAML; `*` for any.
+    # None (the default): no CORS headers at all.
+    cors_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Flower's HTTP basic auth, `user:password` (several: comma-separated; so no commas in
+    # passwords). `make run` passes it to Flower; docker compose requires it.
+    flower_basic_auth: SecretStr | None = None
+
+    @field_validator("cors_allowed_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list):
+            return value
+        origins = []
+        for item in value:
+            origin = str(item).strip().rstrip("/")
+            if not origin:
+                continue
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"not an origin (scheme://host[:port], no path): {item!r}")
+            origins.append(origin)
+        return origins
+
+    @field_validator("flower_basic_auth", mode="after")
+    @classmethod
+    def _check_basic_auth(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        for pair in value.get_secret_value().split(","):
+            user, sep, password = pair.partition(":")
+            if not (sep and user.strip() and password):
+                raise ValueError("expected user:password (comma-separated for several)")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_path = os.environ.get("CONFIG_PATH", "").strip()
+        yaml_source = [_yaml_source(settings_cls, Path(config_path))] if config_path else []
+        return (init_settings, env_settings, *yaml_source, dotenv_settings, file_secret_settings)
 
     @property
     def model_dir(self) -> Path | None:

@@ -71,6 +71,8 @@ class Stack:
     api_ports: dict[str, int] = field(default_factory=dict)
     # How each worker was started (its extra environment), so `restart` can start it again.
     worker_envs: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The address API processes listen on: loopback unless the API requires keys.
+    api_host: str = "127.0.0.1"
 
     @property
     def redis_url(self) -> str:
@@ -102,7 +104,7 @@ class Stack:
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
-    def spawn(self, name: str, args: list[str]) -> Proc:
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         out: IO[bytes] | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ class Stack:
         popen = subprocess.Popen(
             args,
             cwd=ROOT,
-            env=self._env(),
+            env=self._env() if env is None else env,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
@@ -187,17 +189,39 @@ class Stack:
                 "uvicorn",
                 "api.main:app",
                 "--host",
-                "0.0.0.0",
+                self.api_host,
                 "--port",
                 str(port),
+                # httptools with a bound on each request head as it arrives (api.limits).
+                "--http",
+                "api.limits:HeadLimitedHttpToolsProtocol",
                 "--log-level",
                 "warning",
             ],
         )
 
+    def flower_basic_auth(self) -> str | None:
+        """Flower's `user:password` list: FLOWER_BASIC_AUTH from this stack's `env`, else
+        from the settings (environment, CONFIG_PATH, .env); None: no authentication."""
+        if "FLOWER_BASIC_AUTH" in self.env:
+            return self.env["FLOWER_BASIC_AUTH"].strip() or None
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from common.settings import get_settings
+
+        secret = get_settings().flower_basic_auth
+        return secret.get_secret_value() if secret is not None else None
+
     def start_flower(self) -> Proc | None:
+        """Flower on loopback only, with basic auth when configured. The credentials go
+        in its environment (FLOWER_BASIC_AUTH, which Flower reads), not on its command line."""
         if self.flower_port is None:
             return None
+        env = self._env()
+        env.pop("FLOWER_BASIC_AUTH", None)
+        auth = self.flower_basic_auth()
+        if auth:
+            env["FLOWER_BASIC_AUTH"] = auth
         return self.spawn(
             "flower",
             [
@@ -207,8 +231,9 @@ class Stack:
                 f"--broker={self.redis_url}",
                 "flower",
                 f"--port={self.flower_port}",
-                "--address=0.0.0.0",
+                "--address=127.0.0.1",
             ],
+            env=env,
         )
 
     def health(self, api: str = "api") -> dict | None:
@@ -398,11 +423,21 @@ def run() -> int:
     from common.settings import get_settings
 
     settings = get_settings()
+    # With API keys the API listens on every interface (API_HOST to choose one); without
+    # them it is open to anyone who reaches it, so it listens on loopback only.
+    protected = bool(settings.api_keys.strip() or settings.api_keys_file)
     stack = Stack(
         redis_port=int(os.environ.get("REDIS_PORT", 6379)),
         api_port=int(os.environ.get("API_PORT", 8000)),
         flower_port=int(os.environ.get("FLOWER_PORT", 5555)),
+        api_host=os.environ.get("API_HOST", "0.0.0.0") if protected else "127.0.0.1",
     )
+    if not protected:
+        print(
+            "no API_KEYS set: the API is open (no key needed) and listens on 127.0.0.1 only. "
+            "Set API_KEYS (or API_KEYS_FILE) to require keys and listen on all interfaces.",
+            flush=True,
+        )
     for port, what in ((stack.api_port, "API_PORT"), (stack.flower_port, "FLOWER_PORT")):
         if port is not None and port_open(port):
             print(f"port {port} ({what}) is already in use; set {what} to another port", file=sys.stderr)
@@ -439,8 +474,11 @@ def run() -> int:
             if not ready and settings.model_name in (stack.health() or {}).get("ready_models", []):
                 ready = True
                 print(
-                    f"\nready: API {stack.api_url}/v1 (model {settings.model_name}), "
-                    f"Flower http://127.0.0.1:{stack.flower_port}, Redis {stack.redis_url}.\n"
+                    f"\nready: API http://{stack.api_host}:{stack.api_port}/v1 "
+                    f"({'API keys required' if protected else 'open, loopback only'}; model {settings.model_name}), "
+                    f"Flower http://127.0.0.1:{stack.flower_port} "
+                    f"({'basic auth' if stack.flower_basic_auth() else 'unauthenticated, loopback only'}), "
+                    f"Redis {stack.redis_url}.\n"
                     "A service that exits is restarted (after 1 s, doubling up to 30 s if it keeps "
                     "exiting). Ctrl-C stops everything.\n",
                     flush=True,

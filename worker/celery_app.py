@@ -35,6 +35,11 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     task_ignore_result=True,
+    # JSON only, never pickle: whoever can write to the broker cannot make a worker run code.
+    accept_content=["json"],
+    task_serializer="json",
+    result_serializer="json",
+    event_serializer="json",
     task_queues=[keys.chat_queue_entity(settings.model_name)],
     task_default_queue=keys.chat_queue(settings.model_name),
     # Task events feed Flower.

@@ -35,6 +35,7 @@ class _Pending:
     # The last event of an attempt carries the job's terminal record fields.
     fields: dict[str, Any] | None = None
     batch: str | None = None
+    owner: str = ""
     flushed: asyncio.Future[bool] | None = None
 
 
@@ -83,13 +84,16 @@ class ChunkPublisher:
         error: dict[str, Any] | None = None,
         fields: dict[str, Any],
         batch: str | None = None,
+        owner: str = "",
     ) -> bool:
         """Queue a job's last event, written together with its terminal record `fields`,
         and wait until it (and all before it) reached Redis. False if the job belonged to
         another attempt by then."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(
-            _Pending(job_id, attempt, kind, usage=usage, error=error, fields=fields, batch=batch, flushed=done)
+            _Pending(
+                job_id, attempt, kind, usage=usage, error=error, fields=fields, batch=batch, owner=owner, flushed=done
+            )
         )
         return await done
 
@@ -167,7 +171,15 @@ class ChunkPublisher:
                         if last.fields is not None:
                             seq = first + len(deltas)
                             await self.store.finish_in(
-                                pipe, job_id, self.model, attempt, group[-1][1], seq, last.fields, last.batch
+                                pipe,
+                                job_id,
+                                self.model,
+                                attempt,
+                                group[-1][1],
+                                seq,
+                                last.fields,
+                                last.batch,
+                                last.owner,
                             )
                             kinds.append("finish")
                         calls.append(kinds)

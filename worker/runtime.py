@@ -280,13 +280,14 @@ class WorkerRuntime:
         assert self.store is not None
         send = not self.dead
         try:
-            if await self.store.release(job_id, attempt, self.worker_id, due_now=not send) != 2:
+            assert self.redis is not None
+            raw_model, batch = await self.redis.hmget(keys.job(job_id), ["model", "batch"])
+            model = keys.text(raw_model) if raw_model else self.settings.model_name
+            if await self.store.release(job_id, model, attempt, self.worker_id, due_now=not send) != 2:
                 return
             log.warning("job %s (attempt %d) given back to the queue", job_id, attempt)
             if send:
-                assert self.redis is not None
-                model, batch = await self.redis.hmget(keys.job(job_id), ["model", "batch"])
-                await self._requeue(job_id, keys.text(model), priority_of(keys.text(batch) if batch else None))
+                await self._requeue(job_id, model, priority_of(keys.text(batch) if batch else None))
         except (RedisError, OSError, ServiceError) as exc:
             log.warning("could not give job %s back (%s); its lease will lapse", job_id, exc)
 
@@ -300,7 +301,9 @@ class WorkerRuntime:
         assert self.store is not None and self.publisher is not None
         if self.dead:
             return {"status": "refused", "started": False}
-        claimed = await self.store.claim(job_id, self.worker_id, new_claim_token(), self.settings.lease_seconds)
+        claimed = await self.store.claim(
+            job_id, self.settings.model_name, self.worker_id, new_claim_token(), self.settings.lease_seconds
+        )
         if isinstance(claimed, str):
             # Cancelled while queued, already run or running (a duplicate message), or expired.
             log.info("job %s not started: %s", job_id, claimed)
@@ -371,7 +374,7 @@ class WorkerRuntime:
             log.exception("job %s failed", record.id)
         fields = {"status": JobStatus.failed.value, "finished": time.time(), "error": error.to_dict()["error"]}
         owned = await self.publisher.finish(
-            record.id, attempt, "error", error=error.to_dict(), fields=fields, batch=record.batch
+            record.id, attempt, "error", error=error.to_dict(), fields=fields, batch=record.batch, owner=record.owner
         )
         return {"status": "failed" if owned else "lost", "error": error.message}
 
@@ -402,7 +405,9 @@ class WorkerRuntime:
             "usage": usage.model_dump(),
             "result": result.model_dump(),
         }
-        owned = await self.publisher.finish(job_id, attempt, "done", usage=usage, fields=fields, batch=record.batch)
+        owned = await self.publisher.finish(
+            job_id, attempt, "done", usage=usage, fields=fields, batch=record.batch, owner=record.owner
+        )
         if not owned:
             return None
         return {

@@ -293,7 +293,7 @@ class BatchRunner:
         return record
 
     def _line(self, record: JobRecord, batch: BatchObject, line: InputLine) -> None:
-        record.batch, record.custom_id = batch.id, line.custom_id
+        record.batch, record.custom_id, record.owner = batch.id, line.custom_id, batch.owner
         record.options.background = True
         # A line waits for a slot, not for the queue: it may start any time before the batch expires.
         record.deadline = float(batch.expires_at) if batch.expires_at else None
@@ -303,8 +303,8 @@ class BatchRunner:
         return max(self.settings.job_ttl_seconds, 2 * 24 * 3600)
 
     async def _submit(self, record: JobRecord) -> None:
-        created = await self.pipeline.enqueue(record, keys.BATCH_PRIORITY, ttl=self._ttl())
-        if not created:
+        created, _ = await self.pipeline.enqueue(record, keys.BATCH_PRIORITY, ttl=self._ttl())
+        if created != 1:
             # Handed out before a restart: if it has ended meanwhile, it holds no slot.
             status = await self.pipeline.store.status(record.id)
             if status is not None and status.terminal:
@@ -331,11 +331,15 @@ class BatchRunner:
         out_path, err_path, completed, failed = await write_results(self.redis, self.files, batch)
         fields: dict[str, Any] = {"status": final}
         if completed:
-            fields["output_file_id"] = (await self.files.adopt(out_path, f"{batch_id}_output.jsonl", "batch_output")).id
+            fields["output_file_id"] = (
+                await self.files.adopt(out_path, f"{batch_id}_output.jsonl", "batch_output", batch.owner)
+            ).id
         else:
             out_path.unlink(missing_ok=True)
         if failed:
-            fields["error_file_id"] = (await self.files.adopt(err_path, f"{batch_id}_error.jsonl", "batch_output")).id
+            fields["error_file_id"] = (
+                await self.files.adopt(err_path, f"{batch_id}_error.jsonl", "batch_output", batch.owner)
+            ).id
         else:
             err_path.unlink(missing_ok=True)
         fields[{"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[final.value]] = int(

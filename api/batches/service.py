@@ -9,6 +9,7 @@ import uuid
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
+from api.auth import Principal
 from api.batches.input import ENDPOINT, WINDOW_SECONDS
 from api.batches.records import read_batch, set_fields
 from api.batches.runner import BatchRunner
@@ -19,10 +20,11 @@ from common.errors import ConflictError, InvalidRequestError, NotFoundError
 
 
 class BatchCreate(BaseModel):
+    # The documented schema says what `BatchService.create` accepts (its checks stay there).
     input_file_id: str
-    endpoint: str
-    completion_window: str
-    metadata: dict[str, str] | None = Field(default=None)
+    endpoint: str = Field(json_schema_extra={"enum": [ENDPOINT]})
+    completion_window: str = Field(json_schema_extra={"enum": [w for w in sorted(WINDOW_SECONDS)]})
+    metadata: dict[str, str] | None = Field(default=None, json_schema_extra={"maxProperties": 16})
 
 
 class BatchNotFoundError(NotFoundError):
@@ -39,14 +41,14 @@ class BatchService:
         self.files = files
         self.runner = runner
 
-    async def create(self, body: BatchCreate) -> BatchObject:
+    async def create(self, body: BatchCreate, caller: Principal) -> BatchObject:
         if body.endpoint != ENDPOINT:
             raise InvalidRequestError(f"endpoint must be {ENDPOINT}", param="endpoint")
         if body.completion_window not in WINDOW_SECONDS:
             raise InvalidRequestError("completion_window must be 24h", param="completion_window")
         if body.metadata is not None and len(body.metadata) > 16:
             raise InvalidRequestError("metadata may have at most 16 keys", param="metadata")
-        source = await self.files.get(body.input_file_id)
+        source = await self.files.get(body.input_file_id, caller)
         if source.purpose != "batch":
             raise InvalidRequestError("the input file's purpose must be 'batch'", param="input_file_id")
         now = int(time.time())
@@ -59,29 +61,31 @@ class BatchService:
             created_at=now,
             expires_at=now + WINDOW_SECONDS[body.completion_window],
             metadata=body.metadata,
-        )
+        ).owned_by(caller.key_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.batch(batch.id), mapping=batch_to_redis(batch))  # type: ignore[arg-type]
             pipe.zadd(keys.BATCHES, {batch.id: time.time()})
+            pipe.zadd(keys.owned_batches(caller.key_id), {batch.id: time.time()})
             pipe.sadd(keys.ACTIVE_BATCHES, batch.id)
             await pipe.execute()
         self.runner.start(batch.id)
         return batch
 
-    async def get(self, batch_id: str) -> BatchObject:
+    async def get(self, batch_id: str, caller: Principal) -> BatchObject:
         found = await read_batch(self.redis, batch_id)
-        if found is None:
+        if found is None or not caller.owns(found[0].owner):
             raise BatchNotFoundError(f"No batch found with id '{batch_id}'.", param="batch_id")
         return found[0]
 
-    async def list_batches(self, after: str | None, limit: int) -> list[BatchObject]:
-        ids = [keys.text(i) for i in await self.redis.zrange(keys.BATCHES, 0, -1, desc=True)]
+    async def list_batches(self, caller: Principal, after: str | None, limit: int) -> list[BatchObject]:
+        index = keys.BATCHES if caller.admin else keys.owned_batches(caller.key_id)
+        ids = [keys.text(i) for i in await self.redis.zrange(index, 0, -1, desc=True)]
         if after is not None and after in ids:
             ids = ids[ids.index(after) + 1 :]
-        return [await self.get(i) for i in ids[:limit]]
+        return [await self.get(i, caller) for i in ids[:limit]]
 
-    async def cancel(self, batch_id: str) -> BatchObject:
-        batch = await self.get(batch_id)
+    async def cancel(self, batch_id: str, caller: Principal) -> BatchObject:
+        batch = await self.get(batch_id, caller)
         if batch.status in (BatchStatus.cancelling, BatchStatus.cancelled):
             return batch
         if batch.status.terminal:
@@ -89,4 +93,4 @@ class BatchService:
         await set_fields(self.redis, batch_id, status=BatchStatus.cancelling, cancelling_at=int(time.time()))
         self.runner.start(batch_id)
         self.runner.wake(batch_id)
-        return await self.get(batch_id)
+        return await self.get(batch_id, caller)

@@ -17,8 +17,10 @@ from typing import Any
 import anyio
 from redis.exceptions import RedisError
 
+from api.auth import Principal
 from api.catalog import ModelCatalog
 from api.jobs.pipeline import JobConflictError, JobNotFoundError, JobPipeline
+from api.limits import check_chat_limits
 from api.relay import StreamClosed, Subscription
 from common.errors import ContextLengthError, InvalidRequestError, ServiceError, ServiceUnavailableError
 from common.jobs import JobOptions, JobRecord, JobRequest, JobStatus, SamplingSpec, new_job_id
@@ -153,39 +155,48 @@ class ChatAdapter:
 
     # -- creating ---------------------------------------------------------------------
 
-    async def prepare(self, req: ChatCompletionRequest, job_id: str | None = None) -> JobRecord:
+    async def prepare(self, req: ChatCompletionRequest, job_id: str | None = None, owner: str = "") -> JobRecord:
         """Validate a request and turn it into a job record (not yet stored). Every client
         error is raised here."""
         if req.n > self.settings.max_n:
             raise InvalidRequestError(f"n must be at most {self.settings.max_n}", param="n")
+        # Messages, their text and n × max_tokens, before anything is tokenized.
+        choice_max_tokens = check_chat_limits(req, self.settings)
         try:
             card, tokenizer = await self.catalog.get(req.model)
         except RedisError as exc:
             raise ServiceUnavailableError("cannot reach Redis") from exc
         messages = [m.for_template() for m in req.messages]
         prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
-        max_tokens = resolve_max_tokens(req, len(prompt_ids), card.max_model_len)
+        max_tokens = min(resolve_max_tokens(req, len(prompt_ids), card.max_model_len), choice_max_tokens)
         sampling = sampling_from_request(req, max_tokens)
         return JobRecord(
             id=job_id or new_job_id(),
             model=req.model,
+            owner=owner,
             request=JobRequest(prompt_token_ids=prompt_ids, sampling=sampling),
             options=JobOptions(stream=req.stream, include_usage=req.include_usage, background=req.background),
         )
 
-    async def submit(self, req: ChatCompletionRequest) -> tuple[JobView, Subscription | None]:
-        """Validate, record and queue a request. Unless it runs in the background
-        without a stream, its channel is already subscribed when it is queued."""
-        record = await self.prepare(req)
+    async def submit(
+        self, req: ChatCompletionRequest, caller: Principal
+    ) -> tuple[JobView, Subscription | None, dict[str, str]]:
+        """Count, validate, admit, record and queue a request: its view, its channel's
+        subscription (unless it runs in the background without a stream) and the
+        rate-limit headers its response carries."""
+        headers = await self.pipeline.admission.count_request(caller)
+        await self.pipeline.look(req.model, headers)
+        record = await self.prepare(req, owner=caller.key_id)
         view = JobView(record.id, req.model, int(record.created), req.n, req.include_usage, req.background)
-        subscription = await self.pipeline.submit(record, follow=req.stream or not req.background)
-        return view, subscription
+        subscription = await self.pipeline.submit(record, follow=req.stream or not req.background, headers=headers)
+        return view, subscription, headers
 
     # -- reading ----------------------------------------------------------------------
 
-    async def view(self, job_id: str) -> tuple[JobView, JobRecord]:
+    async def view(self, job_id: str, caller: Principal) -> tuple[JobView, JobRecord]:
+        """The job, if `caller` may see it (another key's job does not exist for it)."""
         record = await self.pipeline.get(job_id)
-        if record is None:
+        if record is None or not caller.owns(record.owner):
             raise JobNotFoundError(f"No chat completion job found with id '{job_id}'.", param="completion_id")
         n = record.request.sampling.n if record.request else 1
         return JobView(
@@ -272,7 +283,7 @@ class ChatAdapter:
                 with anyio.CancelScope(shield=True):
                     await self.pipeline.cancel(job.id, quiet=True)
 
-    async def collect(self, job: JobView, subscription: Subscription | None) -> ChatCompletion:
+    async def collect(self, job: JobView, subscription: Subscription | None, caller: Principal) -> ChatCompletion:
         """Wait for the job to end; the `chat.completion`. If the caller goes away first
         (the task is cancelled), the job is cancelled."""
         finished = False
@@ -287,25 +298,26 @@ class ChatAdapter:
             if not finished:
                 with anyio.CancelScope(shield=True):
                     await self.pipeline.cancel(job.id, quiet=True)
-        _, record = await self.view(job.id)
+        _, record = await self.view(job.id, caller)
         return completion_object(record)
 
-    async def get(self, job_id: str) -> ChatCompletionJob:
-        _, record = await self.view(job_id)
+    async def get(self, job_id: str, caller: Principal) -> ChatCompletionJob:
+        _, record = await self.view(job_id, caller)
         return job_object(record)
 
     # -- cancelling -------------------------------------------------------------------
 
-    async def cancel(self, job_id: str) -> ChatCompletionJob:
+    async def cancel(self, job_id: str, caller: Principal) -> ChatCompletionJob:
         """Cancel a job and answer with it (a running one ends within an engine step or two)."""
+        await self.view(job_id, caller)
         before = await self.pipeline.cancel(job_id)
         if before == "missing":
             raise JobNotFoundError(f"No chat completion job found with id '{job_id}'.", param="completion_id")
         if before in (JobStatus.completed.value, JobStatus.failed.value):
             raise JobConflictError(f"Job '{job_id}' has already ended ({before}); it cannot be cancelled.")
         deadline = time.monotonic() + 3.0
-        _, record = await self.view(job_id)
+        _, record = await self.view(job_id, caller)
         while not record.status.terminal and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            _, record = await self.view(job_id)
+            _, record = await self.view(job_id, caller)
         return job_object(record)

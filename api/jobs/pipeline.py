@@ -1,6 +1,7 @@
 """JobPipeline: what every endpoint does with a job, whatever its wire format.
 
-submit: store the record (queued, with its deadline) and send its message, listening on
+submit: admit the job (the model's queue and the caller's limits, see `api.admission`),
+        store the record (queued, with its deadline) and send its message, listening on
         its channel first when the caller will follow it (no first events missed);
 cancel: end a queued job now, or have its worker abort a running one;
 get:    the record; follow: its events from any cursor (`JobReader`).
@@ -15,10 +16,11 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from api.admission import Admission
 from api.jobs.reader import JobReader
 from api.relay import StreamRelay, Subscription
 from common import keys
-from common.errors import ConflictError, NotFoundError, ServiceUnavailableError
+from common.errors import ConflictError, NotFoundError, RateLimitError, ServiceUnavailableError
 from common.job_queue import JobQueue
 from common.jobs import ChunkEvent, JobRecord, JobStatus
 from common.jobstore import JobStore
@@ -36,8 +38,11 @@ class JobConflictError(ConflictError):
 
 
 class JobPipeline:
-    def __init__(self, settings: Settings, redis: aioredis.Redis, relay: StreamRelay, queue: JobQueue):
+    def __init__(
+        self, settings: Settings, redis: aioredis.Redis, relay: StreamRelay, queue: JobQueue, admission: Admission
+    ):
         self.settings = settings
+        self.admission = admission
         self.redis = redis
         self.store = JobStore(redis, settings.job_ttl_seconds, settings.queue_resend_seconds)
         self.relay = relay
@@ -45,14 +50,31 @@ class JobPipeline:
         self.reader = JobReader(redis, self.store, relay)
 
     async def submit(
-        self, record: JobRecord, *, follow: bool, priority: int = keys.CHAT_PRIORITY
+        self,
+        record: JobRecord,
+        *,
+        follow: bool,
+        priority: int = keys.CHAT_PRIORITY,
+        headers: dict[str, str] | None = None,
     ) -> Subscription | None:
-        """Record and queue a client's job. With `follow`, its channel is subscribed
-        before the job is queued; the subscription is returned. A job that could not be
-        queued is refused to the client, and ended so that it never runs."""
+        """Admit, record and queue a client's job. With `follow`, its channel is
+        subscribed before the job is queued; the subscription is returned. A job refused
+        by admission control raises a `RateLimitError` (carrying `headers` and
+        Retry-After) with nothing written. A job that could not be queued is refused to
+        the client, and ended so that it never runs."""
+        max_waiting = await self.admission.queue_limit(record.model)
+        max_active = self.settings.max_concurrent_jobs_per_key
         subscription = await self.relay.subscribe(keys.job_channel(record.id)) if follow else None
         try:
-            await self.enqueue(record, priority)
+            code, count = await self.enqueue(record, priority, limits=(max_waiting, max_active))
+            if code < 0:
+                limit = max_waiting if code == -1 else max_active
+                raise await self.admission.refusal(record.model, code, count, limit, headers or {})
+        except RateLimitError:
+            if subscription is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.relay.unsubscribe(subscription)
+            raise
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 if subscription is not None:
@@ -63,16 +85,28 @@ class JobPipeline:
             raise
         return subscription
 
-    async def enqueue(self, record: JobRecord, priority: int, ttl: int | None = None) -> bool:
-        """Store a job (unless its id exists: a batch line handed out again) and send its
-        message. False if the record existed. Should sending fail after the record was
-        written, the sweeper sends it later."""
+    async def look(self, model: str, headers: dict[str, str] | None = None) -> None:
+        """A cheap look at the model's queue before a request is even validated, so that
+        a burst past the limit is refused at the cost of one Redis command (`submit`'s
+        script decides, atomically)."""
+        max_waiting = await self.admission.queue_limit(model)
+        waiting = await self.redis.zcard(keys.waiting(model))
+        if waiting >= max_waiting:
+            raise await self.admission.refusal(model, -1, waiting, max_waiting, headers or {})
+
+    async def enqueue(
+        self, record: JobRecord, priority: int, ttl: int | None = None, limits: tuple[int, int] = (0, 0)
+    ) -> tuple[int, int]:
+        """Store a job (unless its id exists: a batch line handed out again, or it is
+        refused by `limits`: the most jobs waiting for its model, and queued or running
+        for its owner) and send its message. Answers what `JobStore.create` does. Should
+        sending fail after the record was written, the sweeper sends it later."""
         if record.deadline is None:
             record.deadline = record.created + self.settings.queue_timeout_seconds
-        created = await self.store.create(record, ttl)
-        if created or await self.store.status(record.id) == JobStatus.queued:
+        code, count = await self.store.create(record, ttl, *limits)
+        if code == 1 or (code == 0 and await self.store.status(record.id) == JobStatus.queued):
             await self.queue.submit(record.id, record.model, priority)
-        return created
+        return code, count
 
     async def get(self, job_id: str) -> JobRecord | None:
         return await self.store.get(job_id)

@@ -7,24 +7,34 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse
 
-from api.deps import ChatDep, SettingsDep
+from api.deps import ChatDep, PrincipalDep, SettingsDep
 from api.endpoints.chat import JobView
 from api.jobs.reader import MAX_CURSOR, parse_cursor
+from api.openapi import RATE_LIMIT_HEADERS, REQUEST_ID, SSE_EVENT, error_responses
 from common.schemas import ChatCompletion, ChatCompletionJob, ChatCompletionRequest
 from common.settings import Settings
 
 router = APIRouter()
 
+# Event ids `parse_cursor` takes: -1, or 0 up to MAX_CURSOR (2**53); 15 digits stay under it.
+CURSOR = r"^(-1|[0-9]{1,15})$"
 
-def sse(settings: Settings, job: JobView, events: AsyncIterator[dict[str, str]], shutdown: anyio.Event) -> Any:
+
+def sse(
+    settings: Settings,
+    job: JobView,
+    events: AsyncIterator[dict[str, str]],
+    shutdown: anyio.Event,
+    headers: dict[str, str] | None = None,
+) -> Any:
     return EventSourceResponse(
         events,
         ping=int(settings.sse_ping_seconds),
         sep="\n",
-        headers={"X-Request-Id": job.id},
+        headers={"X-Request-Id": job.id, **(headers or {})},
         # A client that stops reading for this long is cut off (its buffer is bounded too).
         send_timeout=settings.sse_send_timeout_seconds,
         # Set when the server shuts down: the stream ends without cancelling its job.
@@ -35,21 +45,47 @@ def sse(settings: Settings, job: JobView, events: AsyncIterator[dict[str, str]],
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion | ChatCompletionJob,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "a completion, a job, or an SSE stream"}},
+    responses={
+        200: {
+            "description": "A `chat.completion`; with `background`, the queued job; with `stream`, an SSE "
+            "stream of `chat.completion.chunk`s ending with `data: [DONE]`.",
+            "content": {"text/event-stream": SSE_EVENT},
+            "headers": {"X-Request-Id": REQUEST_ID, **RATE_LIMIT_HEADERS},
+        },
+        **error_responses(
+            400,
+            404,
+            413,
+            429,
+            500,
+            503,
+            e400="Invalid request (`param` names the field), or the prompt does not fit the model's context "
+            "(`context_length_exceeded`).",
+            e404="No live worker serves the model (`model_not_found`).",
+            e500="The job failed in the engine (`engine_error`, `worker_lost`).",
+        ),
+    },
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, chat: ChatDep, settings: SettingsDep
+    body: ChatCompletionRequest,
+    request: Request,
+    response: Response,
+    chat: ChatDep,
+    settings: SettingsDep,
+    caller: PrincipalDep,
 ) -> Any:
-    job, subscription = await chat.submit(body)
+    job, subscription, headers = await chat.submit(body, caller)
     if body.stream:
         # A background job outlives its client; an ordinary one is cancelled when it leaves.
         shutdown = anyio.Event()
         events = chat.stream(job, subscription, cancel_on_disconnect=not body.background, shutdown=shutdown)
-        return sse(settings, job, events, shutdown)
+        return sse(settings, job, events, shutdown, headers)
+    response.headers.update(headers)
+    response.headers["X-Request-Id"] = job.id
     if body.background:
-        return await chat.get(job.id)
+        return await chat.get(job.id, caller)
     # Nothing is sent until the end, so watch for the client leaving meanwhile.
-    collecting = asyncio.create_task(chat.collect(job, subscription))
+    collecting = asyncio.create_task(chat.collect(job, subscription, caller))
     while True:
         done, _ = await asyncio.wait({collecting}, timeout=1.0)
         if done:
@@ -60,34 +96,49 @@ async def create_chat_completion(
             raise asyncio.CancelledError("client disconnected")
 
 
-@router.get("/v1/chat/completions/{completion_id}")
-async def get_chat_completion(completion_id: str, chat: ChatDep) -> ChatCompletionJob:
+@router.get("/v1/chat/completions/{completion_id}", responses=error_responses(404, 503))
+async def get_chat_completion(completion_id: str, chat: ChatDep, caller: PrincipalDep) -> ChatCompletionJob:
     """The job: status and times; once it ended, its choices and usage."""
-    return await chat.get(completion_id)
+    return await chat.get(completion_id, caller)
 
 
 @router.get(
     "/v1/chat/completions/{completion_id}/stream",
     response_model=None,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "the job's SSE stream"}},
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "The job's SSE stream of `chat.completion.chunk`s, ending with `data: [DONE]`.",
+            "content": {"text/event-stream": SSE_EVENT},
+            "headers": {"X-Request-Id": REQUEST_ID},
+        },
+        **error_responses(400, 404, 503, e400="`starting_after` or `Last-Event-ID` is not an event id."),
+    },
 )
 async def stream_chat_completion(
     completion_id: str,
     chat: ChatDep,
     settings: SettingsDep,
+    caller: PrincipalDep,
     starting_after: Annotated[int | None, Query(ge=-1, le=MAX_CURSOR)] = None,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(description="Resume after this event id (-1: from the start).", json_schema_extra={"pattern": CURSOR}),
+    ] = None,
 ) -> Any:
     """Replay the job's stream from the start, or from after `starting_after` / the
     `Last-Event-ID` header, then follow it live until `[DONE]`. Leaving never cancels."""
     after = parse_cursor(last_event_id, "Last-Event-ID")
     if starting_after is not None:
         after = starting_after
-    job, _ = await chat.view(completion_id)
+    job, _ = await chat.view(completion_id, caller)
     shutdown = anyio.Event()
     return sse(settings, job, chat.stream(job, after=after, shutdown=shutdown), shutdown)
 
 
-@router.post("/v1/chat/completions/{completion_id}/cancel")
-async def cancel_chat_completion(completion_id: str, chat: ChatDep) -> ChatCompletionJob:
-    return await chat.cancel(completion_id)
+@router.post(
+    "/v1/chat/completions/{completion_id}/cancel",
+    responses=error_responses(404, 409, 503, e409="The job has already completed or failed."),
+)
+async def cancel_chat_completion(completion_id: str, chat: ChatDep, caller: PrincipalDep) -> ChatCompletionJob:
+    return await chat.cancel(completion_id, caller)

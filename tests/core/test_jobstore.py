@@ -35,7 +35,15 @@ def done(seq: int, attempt: int = 1) -> str:
 async def finish(store: JobStore, record, attempt: int, seq: int, status: str = "completed") -> int:
     return int(
         await store.finish_in(
-            store.redis, record.id, record.model, attempt, done(seq, attempt), seq, {"status": status}, record.batch
+            store.redis,
+            record.id,
+            record.model,
+            attempt,
+            done(seq, attempt),
+            seq,
+            {"status": status},
+            record.batch,
+            record.owner,
         )
     )
 
@@ -51,8 +59,8 @@ async def state(store: JobStore, job_id: str) -> tuple[str, list[ChunkEvent], fl
 async def test_create_is_idempotent_and_indexes_queued_jobs(redis):
     store = JobStore(redis, 3600)
     record = job()
-    assert await store.create(record) is True
-    assert await store.create(record) is False  # a batch line handed out again: kept as it is
+    assert await store.create(record) == (1, 0)
+    assert await store.create(record) == (0, 0)  # a batch line handed out again: kept as it is
     status, log, lease, queued = await state(store, record.id)
     assert status == "queued" and log == [] and lease is None and queued is not None
 
@@ -62,9 +70,9 @@ async def test_claim_twice_with_one_token_is_one_attempt(redis):
     record = job()
     await store.create(record)
     token = new_claim_token()
-    assert await store.claim(record.id, "w1", token, 10) == 1
-    assert await store.claim(record.id, "w1", token, 10) == 1  # the retry of a lost reply
-    assert await store.claim(record.id, "w2", new_claim_token(), 10) == "in_progress"  # a duplicate message
+    assert await store.claim(record.id, record.model, "w1", token, 10) == 1
+    assert await store.claim(record.id, record.model, "w1", token, 10) == 1  # the retry of a lost reply
+    assert await store.claim(record.id, record.model, "w2", new_claim_token(), 10) == "in_progress"  # a duplicate
     status, _, lease, queued = await state(store, record.id)
     assert status == "in_progress" and lease is not None and queued is None
 
@@ -74,7 +82,7 @@ async def test_append_is_fenced_by_attempt_and_status_and_idempotent(redis):
     record = job()
     await store.create(record)
     assert await store.append(record.id, 1, 0, [delta(0)]) == -1  # not claimed yet
-    await store.claim(record.id, "w1", new_claim_token(), 10)
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 10)
     assert await store.append(record.id, 1, 0, [delta(0), delta(1)]) == 2
     assert await store.append(record.id, 1, 0, [delta(0), delta(1)]) == 2  # retried: no duplicates
     assert await store.append(record.id, 1, 3, [delta(3)]) == -1  # a gap: refused
@@ -86,7 +94,7 @@ async def test_finish_retried_after_success_answers_done_once(redis):
     store = JobStore(redis, 3600)
     record = job()
     await store.create(record)
-    await store.claim(record.id, "w1", new_claim_token(), 10)
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 10)
     await store.append(record.id, 1, 0, [delta(0)])
     assert await finish(store, record, 1, 1) == 1
     assert await finish(store, record, 1, 1) == 1
@@ -101,7 +109,7 @@ async def test_race_cancel_queued_then_claim(redis):
     await store.create(record)
     assert await store.cancel(record) == "queued"
     assert await store.cancel(record) == "cancelled"  # run again: same end, no second event
-    assert await store.claim(record.id, "w1", new_claim_token(), 10) == "cancelled"
+    assert await store.claim(record.id, record.model, "w1", new_claim_token(), 10) == "cancelled"
     status, log, _, queued = await state(store, record.id)
     assert status == "cancelled" and queued is None
     assert len(log) == 1 and log[0].kind == "done" and log[0].choices[0].finish_reason == "cancelled"
@@ -113,7 +121,7 @@ async def test_race_claim_then_cancel(redis):
     store = JobStore(redis, 3600)
     record = job()
     await store.create(record)
-    await store.claim(record.id, "w1", new_claim_token(), 10)
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 10)
     assert await store.cancel(record) == "in_progress"
     assert await store.cancel_requested([record.id]) == {record.id}
     assert await finish(store, record, 1, 0, status="cancelled") == 1
@@ -125,7 +133,7 @@ async def test_race_finish_then_reap(redis):
     store = JobStore(redis, 3600)
     record = job()
     await store.create(record)
-    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 0.01)
     assert await finish(store, record, 1, 0) == 1
     time.sleep(0.02)
     assert await store.reap(record, 3, ERROR) == "skip"
@@ -138,7 +146,7 @@ async def test_race_reap_then_late_append_and_finish(redis):
     store = JobStore(redis, 3600)
     record = job()
     await store.create(record)
-    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 0.01)
     await store.append(record.id, 1, 0, [delta(0)])
     time.sleep(0.02)
     assert await store.reap(record, 3, ERROR) == "requeued"
@@ -147,7 +155,7 @@ async def test_race_reap_then_late_append_and_finish(redis):
     assert await finish(store, record, 1, 1) == 0
     status, log, lease, queued = await state(store, record.id)
     assert status == "queued" and len(log) == 1 and lease is None and queued is not None
-    assert await store.claim(record.id, "w2", new_claim_token(), 10) == 2
+    assert await store.claim(record.id, record.model, "w2", new_claim_token(), 10) == 2
     assert await store.append(record.id, 1, 1, [delta(1)]) == -1
     assert await store.append(record.id, 2, 1, [delta(1, 2)]) == 2
 
@@ -156,7 +164,7 @@ async def test_reap_of_a_renewed_lease_is_live(redis):
     store = JobStore(redis, 3600)
     record = job()
     await store.create(record)
-    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 0.01)
     time.sleep(0.02)
     assert await store.renew("w1", {record.id: 1}, 10) == set()
     assert await store.reap(record, 3, ERROR) == "live"
@@ -167,7 +175,7 @@ async def test_reap_with_attempts_used_up_fails_with_an_error_event(redis):
     store = JobStore(redis, 3600)
     record = job()
     await store.create(record)
-    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 0.01)
     time.sleep(0.02)
     assert await store.reap(record, 1, ERROR) == "failed"
     assert await store.reap(record, 1, ERROR) == "failed"
@@ -182,7 +190,7 @@ async def test_race_cancel_running_then_reap(redis):
     store = JobStore(redis, 3600)
     record = job(prompt=2)
     await store.create(record)
-    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 0.01)
     await store.append(record.id, 1, 0, [delta(0, tokens=3)])
     assert await store.cancel(record) == "in_progress"
     time.sleep(0.02)
@@ -195,14 +203,14 @@ async def test_release_twice_is_one_release_and_only_by_the_holder(redis):
     store = JobStore(redis, 3600)
     record = job()
     await store.create(record)
-    await store.claim(record.id, "w1", new_claim_token(), 10)
-    assert await store.release(record.id, 1, "w2") == 0
-    assert await store.release(record.id, 1, "w1") == 2
-    assert await store.release(record.id, 1, "w1") == 1  # run again: already given back
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 10)
+    assert await store.release(record.id, record.model, 1, "w2") == 0
+    assert await store.release(record.id, record.model, 1, "w1") == 2
+    assert await store.release(record.id, record.model, 1, "w1") == 1  # run again: already given back
     status, _, lease, queued = await state(store, record.id)
     assert status == "queued" and lease is None and queued is not None
-    assert await store.claim(record.id, "w2", new_claim_token(), 10) == 2
-    assert await store.release(record.id, 1, "w1") == 0  # the old attempt cannot take it back
+    assert await store.claim(record.id, record.model, "w2", new_claim_token(), 10) == 2
+    assert await store.release(record.id, record.model, 1, "w1") == 0  # the old attempt cannot take it back
 
 
 async def test_sweep_keeps_or_ends_a_queued_job(redis):
@@ -223,7 +231,7 @@ async def test_batch_lines_count_once_in_sets_and_free_their_slot(redis):
     for r in (a, b):
         await store.create(r)
         await redis.sadd(keys.batch_slots("m"), r.id)
-    await store.claim(a.id, "w1", new_claim_token(), 10)
+    await store.claim(a.id, a.model, "w1", new_claim_token(), 10)
     await finish(store, a, 1, 0)
     await finish(store, a, 1, 0)
     await store.cancel(b)
@@ -231,3 +239,82 @@ async def test_batch_lines_count_once_in_sets_and_free_their_slot(redis):
     assert await redis.smembers(keys.batch_ended("batch_x", "completed")) == {a.id.encode()}
     assert await redis.smembers(keys.batch_ended("batch_x", "cancelled")) == {b.id.encode()}
     assert await redis.scard(keys.batch_slots("m")) == 0
+
+
+async def waiting(redis, model: str = "m") -> set[str]:
+    return {keys.text(j) for j in await redis.zrange(keys.waiting(model), 0, -1)}
+
+
+async def active(redis, owner: str) -> set[str]:
+    return {keys.text(j) for j in await redis.smembers(keys.active(owner))}
+
+
+async def test_admission_refuses_past_the_model_queue_limit_and_writes_nothing(redis):
+    store = JobStore(redis, 3600)
+    first, second, third = job(owner="k1"), job(owner="k2"), job(owner="k1")
+    assert await store.create(first, max_waiting=2) == (1, 0)
+    assert await store.create(second, max_waiting=2) == (1, 0)
+    assert await store.create(third, max_waiting=2) == (-1, 2)
+    assert await store.get(third.id) is None and await redis.zscore(keys.QUEUED, third.id) is None
+    assert await waiting(redis) == {first.id, second.id}
+    # A batch line is never refused and never counts as waiting.
+    line = job(batch="batch_x", owner="k1")
+    assert await store.create(line, max_waiting=2) == (1, 0)
+    assert await waiting(redis) == {first.id, second.id}
+    # Once one starts, there is room again.
+    assert await store.claim(first.id, first.model, "w1", new_claim_token(), 10) == 1
+    assert await store.create(third, max_waiting=2) == (1, 0)
+
+
+async def test_admission_refuses_past_the_owner_limit_until_one_ends(redis):
+    store = JobStore(redis, 3600)
+    a, b, c = job(owner="k1"), job(owner="k1"), job(owner="k1")
+    other = job(owner="k2")
+    assert await store.create(a, max_active=2) == (1, 0)
+    assert await store.create(b, max_active=2) == (1, 0)
+    assert await store.create(c, max_active=2) == (-2, 2)
+    assert await store.create(other, max_active=2) == (1, 0)  # another key is not held back
+    # Running still counts; ending (any way) frees the place.
+    await store.claim(a.id, a.model, "w1", new_claim_token(), 10)
+    assert await store.create(c, max_active=2) == (-2, 2)
+    assert await finish(store, a, 1, 0) == 1
+    assert await active(redis, "k1") == {b.id}
+    assert await store.create(c, max_active=2) == (1, 0)
+    await store.cancel(b)
+    await store.sweep(c, ERROR)
+    assert await active(redis, "k1") == set() and await waiting(redis) == {other.id}
+
+
+async def test_waiting_set_follows_claims_releases_and_reaps(redis):
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    assert await waiting(redis) == {record.id}
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 10)
+    assert await waiting(redis) == set()
+    assert await store.release(record.id, record.model, 1, "w1") == 2
+    assert await waiting(redis) == {record.id}  # given back: it waits again
+    await store.claim(record.id, record.model, "w2", new_claim_token(), 0.01)
+    time.sleep(0.02)
+    assert await store.reap(record, 3, ERROR) == "requeued"
+    assert await waiting(redis) == {record.id}
+    await store.claim(record.id, record.model, "w3", new_claim_token(), 0.01)
+    time.sleep(0.02)
+    assert await store.reap(record, 3, ERROR) == "failed"  # attempts used up: ended
+    assert await waiting(redis) == set() and await active(redis, "") == set()
+
+
+async def test_claims_count_the_drain_rate_once_per_start(redis):
+    store = JobStore(redis, 3600)
+    records = [job() for _ in range(3)]
+    token = new_claim_token()
+    for r in records:
+        await store.create(r)
+    now = time.time()
+    await store.claim(records[0].id, "m", "w1", token, 10)
+    await store.claim(records[0].id, "m", "w1", token, 10)  # a retried claim is not a second start
+    await store.claim(records[1].id, "m", "w1", new_claim_token(), 10)
+    buckets = [keys.started("m", now), keys.started("m", time.time())]
+    counts = [int(c or 0) for c in await redis.mget(list(dict.fromkeys(buckets)))]
+    assert sum(counts) == 2
+    assert 0 < await redis.ttl(buckets[-1]) <= 120

@@ -37,7 +37,7 @@ async def reader(redis, redis_url):
 async def running_job(store: JobStore):
     record = job()
     await store.create(record)
-    assert await store.claim(record.id, "w", new_claim_token(), 3600) == 1
+    assert await store.claim(record.id, record.model, "w", new_claim_token(), 3600) == 1
     return record
 
 

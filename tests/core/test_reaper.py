@@ -35,13 +35,13 @@ async def test_a_lapsed_lease_goes_back_to_the_queue_whatever_the_heartbeat(redi
     r, sent, store = reaper(redis, max_attempts=2)
     record = job()
     await store.create(record)
-    await store.claim(record.id, "w1", new_claim_token(), 0.01)
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 0.01)
     # The worker still beats (e.g. a second process under the same name): leases decide.
     await redis.zadd(keys.WORKERS, {"w1": time.time()})
     time.sleep(0.02)
     assert await r.reap_lapsed() == [(record.id, "requeued")]
     assert sent.calls == [(record.id, "m", keys.CHAT_PRIORITY)]
-    await store.claim(record.id, "w2", new_claim_token(), 0.01)
+    await store.claim(record.id, record.model, "w2", new_claim_token(), 0.01)
     time.sleep(0.02)
     assert await r.reap_lapsed() == [(record.id, "failed")]  # attempts used up
     assert (await store.log(record.id))[-1].error["code"] == "worker_lost"
@@ -55,7 +55,7 @@ async def test_a_queued_job_without_a_message_is_sent_again(redis):
     assert await r.sweep_queued() == [(record.id, "resend")]
     assert sent.calls == [(record.id, "m", keys.BATCH_PRIORITY)]
     # Once claimed, it is no longer the sweeper's.
-    await store.claim(record.id, "w1", new_claim_token(), 10)
+    await store.claim(record.id, record.model, "w1", new_claim_token(), 10)
     time.sleep(0.02)
     assert await r.sweep_queued() == []
 

@@ -18,6 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from stack import Stack, free_port  # noqa: E402
 
 MODEL = get_settings().model_name
+FLOWER_AUTH = ("operator", "flower-test-secret")
+CORS_ORIGIN = "https://app.example.test"
+# The session stack runs with API keys: two tenants and an administrator.
+ALICE_KEY = "sk-test-alice-0123456789"
+BOB_KEY = "sk-test-bob-0123456789"
+ADMIN_KEY = "sk-test-admin-0123456789"
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +35,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         flower_port=free_port(),
         log_dir=logs,
         env={
-            "FLOWER_UNAUTHENTICATED_API": "true",
+            # Flower's login, and a browser origin allowed to call the API (CORS).
+            "FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH),
+            "CORS_ALLOWED_ORIGINS": CORS_ORIGIN,
+            "API_KEYS": f"{ALICE_KEY},{BOB_KEY}",
+            "ADMIN_API_KEYS": ADMIN_KEY,
             "WORKER_SLOTS": "64",
             "BATCH_MAX_LINES": "300",
             "FILES_DIR": str(tmp_path_factory.mktemp("files")),
@@ -53,19 +63,54 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.api_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+def api_key() -> str:
+    """The key the `client`, `aclient` and `http` fixtures use (a tenant, not an admin)."""
+    return ALICE_KEY
 
 
 @pytest.fixture(scope="session")
-def aclient(stack: Stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=stack.api_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+def other_key() -> str:
+    """Another tenant's key."""
+    return BOB_KEY
 
 
 @pytest.fixture(scope="session")
-def http(stack: Stack):
-    with httpx.Client(base_url=stack.api_url, timeout=300) as c:
+def admin_key() -> str:
+    return ADMIN_KEY
+
+
+@pytest.fixture(scope="session")
+def client(stack: Stack, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.api_url + "/v1", api_key=api_key, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def aclient(stack: Stack, api_key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=stack.api_url + "/v1", api_key=api_key, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def http(stack: Stack, api_key: str):
+    with httpx.Client(base_url=stack.api_url, timeout=300, headers={"Authorization": f"Bearer {api_key}"}) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def flower(stack: Stack):
+    """An HTTP client for the session stack's Flower, logged in (basic auth)."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.flower_port}", auth=FLOWER_AUTH, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def flower_auth() -> tuple[str, str]:
+    return FLOWER_AUTH
+
+
+@pytest.fixture(scope="session")
+def cors_origin() -> str:
+    """The browser origin the session stack allows (CORS_ALLOWED_ORIGINS)."""
+    return CORS_ORIGIN
 
 
 @pytest.fixture(scope="session")

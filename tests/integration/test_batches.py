@@ -190,10 +190,10 @@ def test_interactive_chat_goes_first_while_a_batch_runs(client, model, stack):
     wait_batch(client, batch.id, statuses=("cancelled",), timeout=60)
 
 
-def test_cli_submits_watches_and_downloads(stack, model, tmp_path):
+def test_cli_submits_watches_and_downloads(stack, model, tmp_path, api_key):
     src = tmp_path / "requests.jsonl"
     src.write_bytes(jsonl([line(f"cli-{i}", model) for i in range(5)]))
-    env = dict(os.environ, LLMQ_BASE_URL=stack.api_url + "/v1")
+    env = dict(os.environ, LLMQ_BASE_URL=stack.api_url + "/v1", OPENAI_API_KEY=api_key)
     done = subprocess.run(
         [sys.executable, "-m", "api.cli", "batch", "submit", str(src), "--out", str(tmp_path / "out")],
         env=env,

@@ -22,8 +22,9 @@ STORY = [{"role": "user", "content": "Tell me a long story about a dragon."}]
 
 
 @pytest.fixture
-async def ahttp(stack):
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=300) as h:
+async def ahttp(stack, api_key):
+    auth = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=300, headers=auth) as h:
         yield h
 
 
@@ -113,16 +114,20 @@ async def test_cancel_a_running_job(client, model, ahttp, redis):
         client.chat.completions.retrieve("chatcmpl-nope")
 
 
-async def test_a_cancelled_queued_job_never_starts(stack, model, tokenizer, redis, ahttp):
+async def test_a_cancelled_queued_job_never_starts(stack, model, tokenizer, redis, ahttp, flower, api_key):
     """A job cancelled while still queued is skipped when a worker takes its message."""
     from redis.asyncio import Redis
 
+    from api.auth import key_id
     from common.jobstore import JobStore
 
     text = tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=False)
     ids = tokenizer.encode(text, add_special_tokens=False)
     record = JobRecord(
-        id=new_job_id(), model=model, request=JobRequest(prompt_token_ids=ids, sampling=SamplingSpec(max_tokens=5))
+        id=new_job_id(),
+        model=model,
+        owner=key_id(api_key),  # the caller's, as if it had created it
+        request=JobRequest(prompt_token_ids=ids, sampling=SamplingSpec(max_tokens=5)),
     )
     async with Redis.from_url(stack.redis_url) as r:
         await JobStore(r, 3600).create(record)
@@ -131,11 +136,11 @@ async def test_a_cancelled_queued_job_never_starts(stack, model, tokenizer, redi
     # Its message now reaches the worker, which must not run it.
     producer = Celery(broker=stack.redis_url)
     producer.send_task("chat.completion", args=[record.id], task_id=record.id, queue=f"chat.{model}")
-    flower = f"http://127.0.0.1:{stack.flower_port}/api/task/info/{record.id}"
     deadline = time.monotonic() + 30
     info = {}
     while time.monotonic() < deadline:
-        info = httpx.get(flower, timeout=5).json() if httpx.get(flower, timeout=5).status_code == 200 else {}
+        resp = flower.get(f"/api/task/info/{record.id}")
+        info = resp.json() if resp.status_code == 200 else {}
         if info.get("state") == "SUCCESS":
             break
         await asyncio.sleep(0.3)
@@ -147,9 +152,10 @@ async def test_a_cancelled_queued_job_never_starts(stack, model, tokenizer, redi
     assert replay.finish_reasons == ["cancelled"] and replay.done and replay.text == ""
 
 
-async def test_leaving_a_non_streaming_request_cancels_it(stack, model, redis):
+async def test_leaving_a_non_streaming_request_cancels_it(stack, model, redis, api_key):
     body = {"model": model, "messages": STORY, "max_tokens": 3000, "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=2) as short:
+    auth = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=2, headers=auth) as short:
         with pytest.raises(httpx.ReadTimeout):
             await short.post("/v1/chat/completions", json=body)
     # The job that request made is the newest one; it must end cancelled.
@@ -164,12 +170,13 @@ async def test_leaving_a_non_streaming_request_cancels_it(stack, model, redis):
     assert status == "cancelled"
 
 
-async def test_readers_drop_repeats_and_fill_gaps_from_the_log(stack, model, tokenizer, ahttp):
+async def test_readers_drop_repeats_and_fill_gaps_from_the_log(stack, model, tokenizer, ahttp, api_key):
     """The test plays the worker on a real Redis: a repeated event on the channel is
     delivered once, and an event that never reached the channel (pub/sub loses messages)
     is filled in from the replay log, in order."""
     from redis.asyncio import Redis
 
+    from api.auth import key_id
     from common import keys
     from common.jobs import ChoiceDelta, ChunkEvent
     from common.jobstore import JobStore, new_claim_token
@@ -177,7 +184,10 @@ async def test_readers_drop_repeats_and_fill_gaps_from_the_log(stack, model, tok
 
     ids = tokenizer.encode("hi", add_special_tokens=False)
     record = JobRecord(
-        id=new_job_id(), model=model, request=JobRequest(prompt_token_ids=ids, sampling=SamplingSpec(max_tokens=9))
+        id=new_job_id(),
+        model=model,
+        owner=key_id(api_key),
+        request=JobRequest(prompt_token_ids=ids, sampling=SamplingSpec(max_tokens=9)),
     )
 
     def delta(seq: int, text: str) -> ChunkEvent:
@@ -186,7 +196,7 @@ async def test_readers_drop_repeats_and_fill_gaps_from_the_log(stack, model, tok
     async with Redis.from_url(stack.redis_url) as r:
         store = JobStore(r, 3600)
         await store.create(record)
-        assert await store.claim(record.id, "the-test", new_claim_token(), lease_seconds=3600) == 1
+        assert await store.claim(record.id, record.model, "the-test", new_claim_token(), lease_seconds=3600) == 1
         await store.append(record.id, 1, 0, [e.encode() for e in (delta(0, "a"), delta(1, "b"), delta(2, "c"))])
         seen: list[tuple[str | None, str]] = []
 

@@ -56,7 +56,7 @@ class FakeStore:
         log.extend(ChunkEvent.decode(p) for p in payloads)
         pipe.answers.append(len(log))
 
-    async def finish_in(self, pipe, job_id, model, attempt, event, seq, fields, batch=None):
+    async def finish_in(self, pipe, job_id, model, attempt, event, seq, fields, batch=None, owner=""):
         if job_id in self.lost:
             pipe.answers.append(0)
             return

@@ -1,0 +1,184 @@
+"""The OpenAPI document (api/openapi.py) says what the API answers: no 422s (validation
+errors are 400s), the bearer key on every operation but the health checks, every error as
+an OpenAI error object, request schemas that accept what the validators accept. Built
+from the app alone: no Redis. `tests/integration/test_fuzz.py` fuzzes the real stack."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema_rs
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from api.main import create_app
+from common.schemas import ChatCompletionRequest
+from common.settings import Settings
+
+PUBLIC = {"/health", "/v1/health"}
+METHODS = {"get", "put", "post", "delete", "patch"}
+
+
+@pytest.fixture(scope="module")
+def app() -> Any:
+    return create_app(Settings(api_keys="sk-unit-test-key", max_n=8))
+
+
+@pytest.fixture(scope="module")
+def doc(app: Any) -> dict[str, Any]:
+    return app.openapi()  # type: ignore[no-any-return]
+
+
+def operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(path, m, op) for path, item in doc["paths"].items() for m, op in item.items() if m in METHODS]
+
+
+def test_the_document_is_valid_openapi_and_served_as_built(app: Any, doc: dict[str, Any]) -> None:
+    loaded = schemathesis.openapi.from_dict(json.loads(json.dumps(doc)))
+    results = list(loaded.get_all_operations())
+    assert all(r.ok() for r in results) and len(results) == len(operations(doc)) >= 17
+    served = TestClient(app).get("/openapi.json", headers={"Authorization": "Bearer sk-unit-test-key"})
+    assert served.status_code == 200 and served.json() == json.loads(json.dumps(doc))
+
+
+def test_no_422_anywhere(doc: dict[str, Any]) -> None:
+    for path, method, op in operations(doc):
+        assert "422" not in op["responses"], (method, path)
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    assert "HTTPValidationError" not in json.dumps(doc)
+
+
+def test_every_operation_but_health_needs_the_bearer_key(doc: dict[str, Any]) -> None:
+    assert doc["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": doc["components"]["securitySchemes"]["bearerAuth"]["description"],
+    }
+    for path, method, op in operations(doc):
+        if path in PUBLIC:
+            assert op["security"] == [] and "401" not in op["responses"], path
+            continue
+        assert op["security"] == [{"bearerAuth": []}], (method, path)
+        unauthorized = op["responses"]["401"]
+        assert "WWW-Authenticate" in unauthorized["headers"]
+        assert unauthorized["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+def test_every_error_is_an_openai_error_object(doc: dict[str, Any]) -> None:
+    error = doc["components"]["schemas"]["ErrorResponse"]
+    assert error["required"] == ["error"]
+    detail = doc["components"]["schemas"]["ErrorDetail"]
+    assert set(detail["required"]) == {"message", "type", "param", "code"}
+    for path, method, op in operations(doc):
+        errors = {code: r for code, r in op["responses"].items() if int(code) >= 400}
+        assert "503" in errors, (method, path)  # everything reads Redis
+        for code, response in errors.items():
+            if path in PUBLIC and code == "503":
+                continue  # the health checks answer 503 with their own body
+            schema = response["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path, code)
+
+
+def test_each_route_documents_what_it_answers(doc: dict[str, Any]) -> None:
+    def codes(method: str, path: str) -> set[str]:
+        return set(doc["paths"][path][method]["responses"])
+
+    assert codes("post", "/v1/chat/completions") == {"200", "400", "401", "404", "413", "429", "431", "500", "503"}
+    assert codes("post", "/v1/chat/completions/{completion_id}/cancel") == {"200", "401", "404", "409", "431", "503"}
+    assert codes("get", "/v1/chat/completions/{completion_id}/stream") == {"200", "400", "401", "404", "431", "503"}
+    assert codes("post", "/v1/files") == {"200", "400", "401", "413", "431", "503"}
+    assert codes("post", "/v1/batches") == {"200", "400", "401", "404", "413", "431", "503"}
+    assert codes("post", "/v1/batches/{batch_id}/cancel") == {"200", "401", "404", "409", "431", "503"}
+    assert codes("get", "/health") == {"200", "431", "503"}
+    limited = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["429"]
+    assert limited["headers"]["Retry-After"]["required"] is True
+
+
+def test_streams_are_documented_as_sse_events(doc: dict[str, Any]) -> None:
+    create = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert set(create) == {"application/json", "text/event-stream"}
+    stream = doc["paths"]["/v1/chat/completions/{completion_id}/stream"]["get"]["responses"]["200"]["content"]
+    assert set(stream) == {"text/event-stream"}
+    event = stream["text/event-stream"]["schema"]
+    assert event["required"] == ["data"] and "ChatCompletionChunk" in json.dumps(event)
+    assert "ChatCompletionChunk" in doc["components"]["schemas"]
+    content = doc["paths"]["/v1/files/{file_id}/content"]["get"]["responses"]["200"]["content"]
+    assert set(content) == {"application/octet-stream"}
+
+
+def test_parameters_are_never_null_and_integer_bounds_are_exact(doc: dict[str, Any]) -> None:
+    for path, method, op in operations(doc):
+        for param in op.get("parameters", []):
+            assert {"type": "null"} not in param["schema"].get("anyOf", []), (method, path, param["name"])
+    props = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    seed = props["seed"]["anyOf"][0]
+    assert (seed["minimum"], seed["maximum"]) == (-(2**63), 2**63 - 1)
+    assert props["n"]["maximum"] == 8  # MAX_N, from the settings
+
+
+def test_405_names_every_method_of_the_path(app: Any) -> None:
+    client = TestClient(app)
+    auth = {"Authorization": "Bearer sk-unit-test-key"}
+    for method, path, allowed in [
+        ("PUT", "/v1/files", "GET, POST"),
+        ("POST", "/v1/files/file-x", "DELETE, GET"),
+        ("DELETE", "/v1/chat/completions", "POST"),
+        ("TRACE", "/v1/models", "GET"),
+    ]:
+        resp = client.request(method, path, headers=auth)
+        assert resp.status_code == 405, (method, path)
+        assert set(resp.headers["allow"].split(", ")) - {"HEAD"} == set(allowed.split(", ")), (method, path)
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def _message(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi", **fields}]}
+
+
+# Bodies on both sides of each documented constraint.
+BODIES = [
+    pytest.param(_message(), id="plain"),
+    pytest.param({"model": "m", "messages": [{"role": "tool"}]}, id="no-content"),
+    pytest.param({"model": "m", "messages": [{"role": "tool", "content": None}]}, id="null-content"),
+    pytest.param({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "t"}]}]}, id="tool-calls"),
+    pytest.param({"model": "m", "messages": [{"role": "assistant", "tool_calls": []}]}, id="no-tool-calls"),
+    pytest.param(_message(content=[{"type": "text", "text": "a"}]), id="text-part"),
+    pytest.param(_message(content=[{"type": "image_url", "image_url": {"url": "x"}}]), id="image-part"),
+    pytest.param(_message(content=[{"type": "text"}]), id="part-without-text"),
+    pytest.param({**_message(), "stream_options": {"include_usage": True}}, id="stream-options-alone"),
+    pytest.param({**_message(), "stream": True, "stream_options": {"include_usage": True}}, id="stream-options"),
+    pytest.param({**_message(), "stream_options": None}, id="null-stream-options"),
+    pytest.param({**_message(), "logprobs": True}, id="logprobs"),
+    pytest.param({**_message(), "logprobs": False, "top_logprobs": 0}, id="no-logprobs"),
+    pytest.param({**_message(), "top_logprobs": 2}, id="top-logprobs"),
+    pytest.param({**_message(), "response_format": {"type": "json_object"}}, id="json-format"),
+    pytest.param({**_message(), "response_format": {"type": "text"}}, id="text-format"),
+    pytest.param({**_message(), "tools": [{"type": "function"}], "tool_choice": "auto"}, id="tool-calling"),
+    pytest.param({**_message(), "tools": [{"type": "function"}], "tool_choice": "none"}, id="tools-unused"),
+    pytest.param({**_message(), "tools": [], "tool_choice": "auto"}, id="no-tools"),
+    pytest.param({**_message(), "stop": ""}, id="empty-stop"),
+    pytest.param({**_message(), "stop": "x"}, id="stop"),
+    pytest.param({**_message(), "stop": ["x"] * 17}, id="17-stops"),
+    pytest.param({**_message(), "stop": ["x", ""]}, id="an-empty-stop"),
+    pytest.param({**_message(), "seed": 2**63}, id="seed-2**63"),
+    pytest.param({**_message(), "seed": 2**63 - 1}, id="seed-2**63-1"),
+    pytest.param({**_message(), "max_tokens": 0}, id="max-tokens-0"),
+    pytest.param({**_message(), "unknown_field": {"is": "ignored"}}, id="unknown-field"),
+]
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_the_request_schema_accepts_what_the_validators_accept(doc: dict[str, Any], body: dict[str, Any]) -> None:
+    validator = jsonschema_rs.Draft202012Validator(
+        {"$ref": "#/components/schemas/ChatCompletionRequest", "components": doc["components"]}
+    )
+    documented = validator.is_valid(body)
+    try:
+        ChatCompletionRequest.model_validate(body)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert documented == accepted, f"documented {documented}, validators {accepted}"
