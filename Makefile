@@ -7,7 +7,7 @@ export API_PORT    ?= 8000
 export FLOWER_PORT ?= 5555
 export REDIS_PORT  ?= 6379
 
-.PHONY: setup model redis run test test-unit test-core chaos bench bench-batch lint typecheck clean
+.PHONY: setup model redis prometheus run test test-unit test-core chaos bench bench-batch lint typecheck clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,13 @@ $(MODEL_DIR)/conversion.json: | $(STAMP)
 redis:
 	scripts/ensure-redis.sh
 
+prometheus:
+	scripts/ensure-prometheus.sh
+
 run: setup model redis
 	$(PY) scripts/stack.py run
 
-test: setup model redis lint typecheck
+test: setup model redis prometheus lint typecheck
 	$(PY) -m pytest tests
 
 test-unit: setup

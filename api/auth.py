@@ -9,7 +9,8 @@ digest), which is what job, file and batch records store as their owner.
 `AuthMiddleware` is a pure ASGI middleware: it decides from the path the router will
 route on (Starlette's own `get_route_path` of the ASGI scope), so no Host header, `//`
 or percent-encoding makes a protected route look public. Only `GET`/`HEAD` of `/health`
-and `/v1/health` are public. With no keys configured the API is open: every caller is
+and `/v1/health` are public (and of `/metrics`, `/metrics/targets` unless
+`METRICS_REQUIRE_KEY`). With no keys configured the API is open: every caller is
 the same anonymous principal (and `make run` listens on loopback only).
 """
 
@@ -111,15 +112,18 @@ WRONG = "Incorrect API key provided."
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, ring: KeyRing):
+    def __init__(self, app: ASGIApp, ring: KeyRing, public_paths: frozenset[str] = PUBLIC_PATHS):
         self.app = app
         self.ring = ring
+        # GET/HEAD of these need no key: the health checks, and the metrics unless
+        # METRICS_REQUIRE_KEY (issue 9; api.main passes them).
+        self.public_paths = public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        public = scope.get("method") in PUBLIC_METHODS and get_route_path(scope) in PUBLIC_PATHS
+        public = scope.get("method") in PUBLIC_METHODS and get_route_path(scope) in self.public_paths
         if self.ring.open or public:
             scope[SCOPE_KEY] = ANONYMOUS
             await self.app(scope, receive, send)

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.admission import Admission
-from api.auth import AuthMiddleware, KeyRing
+from api.auth import PUBLIC_PATHS, AuthMiddleware, KeyRing
 from api.batches.runner import BatchRunner
 from api.batches.service import BatchService
 from api.catalog import ModelCatalog
@@ -23,12 +23,16 @@ from api.errors import install_error_handlers
 from api.files import FileStore
 from api.jobs.pipeline import JobPipeline
 from api.limits import install_limits
+from api.metrics import METRICS_PATHS, MetricsMiddleware
+from api.metrics import router as metrics_router
 from api.openapi import customize_openapi
 from api.relay import StreamRelay
+from api.request_log import RequestLogMiddleware
 from api.routes import batches as batch_routes
 from api.routes import chat, health, models
 from api.routes import files as file_routes
 from common.job_queue import JobQueue
+from common.logs import setup_logging
 from common.reaper import Reaper
 from common.redis_client import connect
 from common.settings import Settings, get_settings
@@ -83,12 +87,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keyring = KeyRing.from_settings(settings)
     if keyring.open:
         logging.getLogger(__name__).warning("no API_KEYS configured: the API is open to anyone who can reach it")
-    app.add_middleware(AuthMiddleware, ring=keyring)
+    # (Metrics, issue 9: /metrics and /metrics/targets are public too unless METRICS_REQUIRE_KEY.)
+    public_paths = PUBLIC_PATHS if settings.metrics_require_key else PUBLIC_PATHS | METRICS_PATHS
+    app.add_middleware(AuthMiddleware, ring=keyring, public_paths=public_paths)
+    # Logs (issue 9): one `request` line per request; outside AuthMiddleware, so it sees
+    # the caller's key id (and the 401s). api/request_log.py.
+    app.add_middleware(RequestLogMiddleware)
+    # Metrics (issue 9): requests, rejections (the 401s and 413/431s too) and open streams,
+    # counted outside every other middleware but CORS. api/metrics.py.
+    app.add_middleware(MetricsMiddleware)
     app.include_router(chat.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(file_routes.router)
     app.include_router(batch_routes.router)
+    app.include_router(metrics_router)  # GET /metrics, /metrics/targets (issue 9)
     # CORS (issue 8), only for the configured origins (none: no CORS headers at all). Added
     # last, so it is the outermost middleware: it answers preflights (OPTIONS, which never
     # carry an API key) before anything that checks keys. Request headers are mirrored
@@ -113,5 +126,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# Logs (issue 9): text or JSON lines (LOG_FORMAT, LOG_LEVEL), uvicorn's included (common/logs.py).
+setup_logging(get_settings(), "api")
 app = create_app()

@@ -163,6 +163,10 @@ class WorkerInfo(BaseModel):
     model: str
     slots: int
     started: float
+    # Jobs it holds right now (refreshed by its heartbeat).
+    inflight: int = 0
+    # Where its Prometheus metrics are served (http://host:port/metrics), if anywhere.
+    metrics_url: str | None = None
 
 
 class ModelCard(BaseModel):

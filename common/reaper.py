@@ -33,6 +33,8 @@ from common import keys
 from common.errors import ServiceUnavailableError
 from common.jobs import JobRecord
 from common.jobstore import JobStore
+from common.logs import job_fields, log_event
+from common.metrics import JOBS_ENDED, REAPER_ACTIONS
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,9 +99,28 @@ class Reaper:
             action = await self.store.reap(record, self.settings.max_attempts, error)
             if action in ("live", "skip", "missing"):
                 continue
-            log.warning("job %s: lease of %s lapsed (attempt %d); %s", job_id, record.worker, record.attempt, action)
+            # Logs (issue 9): its lease lapsed: back to the queue (`job.requeued`), or ended
+            # here (`job.ended`: cancelled when a cancel was pending, failed: worker_lost).
+            log_event(
+                log,
+                "job.requeued" if action == "requeued" else "job.ended",
+                level=logging.WARNING,
+                **job_fields(record),
+                status="queued" if action == "requeued" else action,
+                attempt=record.attempt,
+                worker=record.worker,
+                why="lease_lapsed",
+                error_code=error["code"] if action == "failed" else None,
+                total_s=None if action == "requeued" else time.time() - record.created,
+                by="reaper",
+            )
             if action == "requeued":
                 await self.requeue(job_id, record.model, priority_of(record.batch))
+            # Metrics (issue 9): requeued, or ended here (cancelled, failed: worker_lost).
+            if action in ("requeued", "cancelled", "failed"):
+                REAPER_ACTIONS.labels(record.model, action).inc()
+            if action in ("cancelled", "failed"):
+                JOBS_ENDED.labels(record.model, action, str(error["code"]) if action == "failed" else "").inc()
             done.append((job_id, action))
         return done
 
@@ -115,13 +136,39 @@ class Reaper:
             if record is None:
                 await self.store.redis.zrem(keys.QUEUED, job_id)
                 continue
-            action = await self.store.sweep(record, self._why_end(record, now, seen.get(record.model)))
+            error = self._why_end(record, now, seen.get(record.model))
+            action = await self.store.sweep(record, error)
             if action == "wait":
                 continue
             if action == "resend":
                 await self.requeue(job_id, record.model, priority_of(record.batch))
+                REAPER_ACTIONS.labels(record.model, "resent").inc()  # metrics (issue 9)
+                # Logs (issue 9): still queued; its message sent again.
+                log_event(
+                    log,
+                    "job.resent",
+                    **job_fields(record),
+                    resends=record.resends + 1,
+                    queued_s=now - (record.queued_at or record.created),
+                    by="reaper",
+                )
             elif action == "failed":
-                log.warning("job %s: never started; failed (%s)", job_id, record.model)
+                # Logs (issue 9): never started; ended here (queue_timeout, model_unavailable).
+                log_event(
+                    log,
+                    "job.ended",
+                    level=logging.WARNING,
+                    **job_fields(record),
+                    status="failed",
+                    attempt=record.attempt,
+                    error_code=(error or {}).get("code"),
+                    queued_s=now - (record.queued_at or record.created),
+                    total_s=now - record.created,
+                    by="reaper",
+                )
+                # Metrics (issue 9): ended here (queue_timeout or model_unavailable).
+                REAPER_ACTIONS.labels(record.model, "expired").inc()
+                JOBS_ENDED.labels(record.model, "failed", str((error or {}).get("code") or "")).inc()
             done.append((job_id, action))
         return done
 

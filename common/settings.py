@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     max_concurrent_jobs_per_key: int = Field(default=0, ge=0)
     requests_per_minute_per_key: int = Field(default=0, ge=0)
 
+    # Metrics (issue 9, api/metrics.py): the API's `GET /metrics` and `GET /metrics/targets`
+    # are public (like /health) unless this is true; then they need a key too.
+    metrics_require_key: bool = False
+
     # The model a worker serves: a local checkpoint folder (or a hub id where a hub is
     # reachable), published to clients under `model_name`.
     model_path: str = "models/SmolLM2-135M-Instruct"
@@ -87,6 +91,16 @@ class Settings(BaseSettings):
     enforce_eager: bool | None = None
     # How many jobs one worker keeps in its engine at once (Celery thread slots).
     worker_slots: int = Field(default=64, ge=1)
+
+    # Worker metrics (issue 9, worker/metrics.py): each worker serves Prometheus metrics
+    # (its engine's `vllm:*` and its own `llmq_worker_*`) at http://host:port/metrics,
+    # announced as `metrics_url` in its registration. Port 0: any free port. The address
+    # announced is `worker_metrics_advertise_host` if set, else the bind address if it is
+    # a specific one, else this machine's address on the route to Redis (what the API and
+    # Prometheus, next to Redis, can reach; in docker compose the container's address).
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "0.0.0.0"
+    worker_metrics_advertise_host: str | None = None
 
     # Job records and replay data live this long in Redis.
     job_ttl_seconds: int = Field(default=24 * 3600, ge=60)
@@ -119,6 +133,14 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(default=15.0, gt=0)
     # A client that accepts nothing for this long is disconnected.
     sse_send_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    # Logs (issue 9, common/logs.py): one line per request and per job state change, from
+    # the API and the workers, each with the job id. `text` for humans, `json` (one object
+    # per line) for machines. Prompt and completion text are logged only with log_prompts.
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = Field(default="INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_prompts: bool = False
+
     max_n: int = Field(default=16, ge=1)
 
     # Request limits (hostile input): each is answered with a 4xx OpenAI error before the

@@ -99,6 +99,8 @@ class Stack:
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Workers serve their metrics on loopback here, like Flower and Redis (issue 9).
+        env.setdefault("WORKER_METRICS_HOST", "127.0.0.1")
         env.update(self.env)
         env["REDIS_URL"] = self.redis_url
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -214,7 +216,8 @@ class Stack:
 
     def start_flower(self) -> Proc | None:
         """Flower on loopback only, with basic auth when configured. The credentials go
-        in its environment (FLOWER_BASIC_AUTH, which Flower reads), not on its command line."""
+        in its environment (FLOWER_BASIC_AUTH, which Flower reads), not on its command line.
+        Its app, common.flower_app, makes its Broker page list every model's queue by priority."""
         if self.flower_port is None:
             return None
         env = self._env()
@@ -228,6 +231,8 @@ class Stack:
                 self.python,
                 "-m",
                 "celery",
+                "-A",
+                "common.flower_app",
                 f"--broker={self.redis_url}",
                 "flower",
                 f"--port={self.flower_port}",
@@ -242,6 +247,25 @@ class Stack:
                 return json.loads(resp.read())
         except (OSError, ValueError):
             return None
+
+    def worker_metrics_urls(self) -> dict[str, str]:
+        """Each registered worker's metrics URL, by worker id, from its registration in Redis
+        ({} when Redis does not answer)."""
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        import redis
+
+        from common import keys
+        from common.jobs import WorkerInfo
+
+        try:
+            with redis.Redis.from_url(self.redis_url) as r:
+                ids = [keys.text(i) for i in r.zrange(keys.WORKERS, 0, -1)]
+                raws = r.mget([keys.worker(i) for i in ids]) if ids else []
+        except redis.RedisError:
+            return {}
+        infos = [WorkerInfo.model_validate_json(raw) for raw in raws if raw]
+        return {w.id: w.metrics_url for w in infos if w.metrics_url}
 
     def wait_ready(self, model: str, workers: int = 1, timeout: float = 600, api: str = "api") -> None:
         """Until the API (`api`: its name) answers and `model` has a live worker."""
@@ -479,6 +503,10 @@ def run() -> int:
                     f"Flower http://127.0.0.1:{stack.flower_port} "
                     f"({'basic auth' if stack.flower_basic_auth() else 'unauthenticated, loopback only'}), "
                     f"Redis {stack.redis_url}.\n"
+                    f"Metrics (Prometheus): API http://{stack.api_host}:{stack.api_port}/metrics, "
+                    f"worker {' '.join(stack.worker_metrics_urls().values()) or '(none announced)'}, "
+                    f"Flower http://127.0.0.1:{stack.flower_port}/metrics; a Prometheus and Grafana dashboard: "
+                    "`docker compose --profile monitoring up` (see README).\n"
                     "A service that exits is restarted (after 1 s, doubling up to 30 s if it keeps "
                     "exiting). Ctrl-C stops everything.\n",
                     flush=True,

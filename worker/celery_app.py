@@ -18,11 +18,12 @@ from celery import Celery, signals
 
 from common import keys
 from common.job_queue import JobQueue
+from common.logs import setup_logging
 from common.settings import get_settings
+from worker import metrics as worker_metrics
 from worker.runtime import WorkerRuntime, unique_worker_id
 
 log = logging.getLogger(__name__)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 settings = get_settings()
 
 # The tasks module imports this one; Celery imports it once the app exists (no cycle).
@@ -59,18 +60,37 @@ def get_runtime() -> WorkerRuntime:
     return _runtime
 
 
+def _setup_logs(**_: object) -> None:
+    """Logs (issue 9): every line of the worker, Celery's own included, through one handler
+    in LOG_FORMAT (text or JSON) at LOG_LEVEL (common/logs.py). Done first thing in
+    `worker_init`; Celery's `setup_logging` signal, which fires after it, finds a receiver
+    (this) and so leaves the root logger, the task logger and stdout/stderr alone (Celery's
+    `--loglevel` is not used: LOG_LEVEL is)."""
+    setup_logging(settings, "worker")
+
+
+signals.setup_logging.connect(_setup_logs)
+
+
 @signals.worker_init.connect
 def _start_runtime(sender: object = None, **_: object) -> None:
     """Build the engine once, in the worker's main process, before it takes any job."""
     global _runtime
     from worker.engine import build_engine
 
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format=LOG_FORMAT)
+    _setup_logs()
     hostname = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    # Prometheus metrics on a port of this worker's own (issue 9; worker/metrics.py),
+    # served from here on (vllm:* once the engine is built), announced in its registration.
+    metrics_url = worker_metrics.serve(settings)
     try:
         requeue = JobQueue(settings.redis_url, settings.broker_visibility_timeout)
         _runtime = WorkerRuntime(
-            settings, build_engine(settings), worker_id=unique_worker_id(hostname), requeue=requeue.submit
+            settings,
+            build_engine(settings),
+            worker_id=unique_worker_id(hostname),
+            requeue=requeue.submit,
+            metrics_url=metrics_url,
         )
         _runtime.start()
     except Exception:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 from common.jobs import ChoiceDelta, ChunkEvent, EventKind
 from common.jobstore import JobStore
 from common.schemas import Usage
+from worker.metrics import PUBLISH_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class ChunkPublisher:
         self.retry_seconds = retry_seconds
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._next_seq: dict[str, int] = {}
+        self._publish_seconds = PUBLISH_SECONDS.labels(model)
 
     def begin(self, job_id: str, next_seq: int) -> None:
         """A job's attempt starts; its events continue the log at `next_seq`."""
@@ -183,7 +186,10 @@ class ChunkPublisher:
                             )
                             kinds.append("finish")
                         calls.append(kinds)
+                    # One round trip: what llmq_worker_publish_seconds measures.
+                    sent = time.perf_counter()
                     answers = iter(await pipe.execute())
+                    self._publish_seconds.observe(time.perf_counter() - sent)
                 # An append answers the log length (-1: the attempt lost the job); a finish 1 or 0.
                 return [
                     all(

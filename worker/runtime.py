@@ -43,10 +43,13 @@ from common.jobs import (
     WorkerInfo,
 )
 from common.jobstore import JobStore, new_claim_token
+from common.logs import job_fields, log_event
+from common.metrics import JOBS_ENDED
 from common.reaper import Reaper, Requeue, priority_of
 from common.redis_client import connect
 from common.schemas import Usage
 from common.settings import Settings
+from worker import metrics
 from worker.engine import Engine, EngineRequestError
 from worker.publisher import ChunkPublisher
 
@@ -77,8 +80,12 @@ class WorkerRuntime:
         worker_id: str,
         requeue: Requeue,
         on_fatal: Callable[[int], None] | None = None,
+        metrics_url: str | None = None,
     ):
         self.settings = settings
+        # Where this worker's Prometheus metrics are served (worker/metrics.py), announced
+        # in its registration.
+        self.metrics_url = metrics_url
         self._requeue = requeue
         self.engine = engine
         self.worker_id = worker_id
@@ -91,7 +98,9 @@ class WorkerRuntime:
         self._inflight: dict[str, int] = {}  # job id -> attempt
         self._cancelled: set[str] = set()
         self._lost: set[str] = set()
-        self._releasing: dict[str, asyncio.Future[None]] = {}
+        # Logs (issue 9): what each line about a job held here names (id, model, key id, batch).
+        self._log_fields: dict[str, dict[str, Any]] = {}
+        self._releasing: dict[str, asyncio.Future[bool]] = {}
         self.dead = False
         self.redis: aioredis.Redis | None = None
         self.store: JobStore | None = None
@@ -141,6 +150,8 @@ class WorkerRuntime:
         )
         self.store = JobStore(self.redis, self.settings.job_ttl_seconds, self.settings.queue_resend_seconds)
         self.publisher = ChunkPublisher(self.store, self.settings.model_name, on_lost=self._on_lost)
+        # Metrics (issue 9): the jobs held now, read at each scrape.
+        metrics.JOBS_IN_FLIGHT.labels(self.settings.model_name).set_function(lambda: len(self._inflight))
         await self._register()
         reaper = Reaper(self.store, self._requeue, self.settings)
         for factory in (
@@ -177,7 +188,14 @@ class WorkerRuntime:
     async def _register(self) -> None:
         assert self.redis is not None and self.card is not None
         s = self.settings
-        info = WorkerInfo(id=self.worker_id, model=s.model_name, slots=s.worker_slots, started=self._started)
+        info = WorkerInfo(
+            id=self.worker_id,
+            model=s.model_name,
+            slots=s.worker_slots,
+            started=self._started,
+            inflight=len(self._inflight),
+            metrics_url=self.metrics_url,
+        )
         ttl = max(1, int(s.worker_ttl_seconds))
         bundle = keys.tokenizer_bundle(self.card.tokenizer_digest)
         # The tokenizer files are megabytes: written only when missing (first start, Redis restart).
@@ -265,35 +283,66 @@ class WorkerRuntime:
         await self._unregister()
         self._on_fatal(EXIT_ENGINE_DEAD)
 
-    async def _release(self, job_id: str, attempt: int) -> None:
+    async def _release(self, job_id: str, attempt: int) -> bool:
         """Give a job back to the queue and send its message again (once: a second caller,
         e.g. a dying worker, waits for the first). If Redis cannot be reached, its lease
-        lapses and the reaper does it."""
+        lapses and the reaper does it. True if it was given back (not: it was not ours)."""
         task = self._releasing.get(job_id)
         if task is None:
             task = asyncio.ensure_future(self._give_back(job_id, attempt))
             self._releasing[job_id] = task
             task.add_done_callback(lambda _: self._releasing.pop(job_id, None))
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
 
-    async def _give_back(self, job_id: str, attempt: int) -> None:
+    async def _give_back(self, job_id: str, attempt: int) -> bool:
         assert self.store is not None
         send = not self.dead
         try:
             assert self.redis is not None
-            raw_model, batch = await self.redis.hmget(keys.job(job_id), ["model", "batch"])
+            raw_model, batch, owner = await self.redis.hmget(keys.job(job_id), ["model", "batch", "owner"])
             model = keys.text(raw_model) if raw_model else self.settings.model_name
             if await self.store.release(job_id, model, attempt, self.worker_id, due_now=not send) != 2:
-                return
-            log.warning("job %s (attempt %d) given back to the queue", job_id, attempt)
+                return False
+            # Logs (issue 9): why: the engine died, the job's log is not where this attempt
+            # left it (Redis lost writes), or an error before its end was written.
+            why = "engine_died" if self.dead else "log_mismatch" if job_id in self._lost else "error"
+            log_event(
+                log,
+                "job.released",
+                level=logging.WARNING,
+                job_id=job_id,
+                model=model,
+                key_id=keys.text(owner) if owner else None,
+                batch_id=keys.text(batch) if batch else None,
+                attempt=attempt,
+                worker=self.worker_id,
+                why=why,
+            )
             if send:
                 await self._requeue(job_id, model, priority_of(keys.text(batch) if batch else None))
+            return True
         except (RedisError, OSError, ServiceError) as exc:
-            log.warning("could not give job %s back (%s); its lease will lapse", job_id, exc)
+            log_event(
+                log,
+                "job.release_failed",
+                level=logging.WARNING,
+                job_id=job_id,
+                attempt=attempt,
+                worker=self.worker_id,
+                error=str(exc),
+                note="its lease will lapse",
+            )
+            return False
 
     async def _abort(self, job_id: str) -> None:
         if job_id in self._inflight and job_id not in self._cancelled:
-            log.info("cancelling %s", job_id)
+            log_event(
+                log,
+                "job.aborting",
+                **self._log_fields.get(job_id, {"job_id": job_id}),
+                attempt=self._inflight[job_id],
+                why="cancel_requested",
+            )
             self._cancelled.add(job_id)
             await self.engine.abort(job_id)
 
@@ -306,7 +355,7 @@ class WorkerRuntime:
         )
         if isinstance(claimed, str):
             # Cancelled while queued, already run or running (a duplicate message), or expired.
-            log.info("job %s not started: %s", job_id, claimed)
+            log_event(log, "job.not_started", job_id=job_id, model=self.settings.model_name, reason=claimed)
             return {"status": claimed, "started": False}
         attempt = claimed
         # From here on, every way out ends the job or gives it back.
@@ -317,14 +366,17 @@ class WorkerRuntime:
             return outcome or {"status": "released", "attempt": attempt}
         finally:
             lost = job_id in self._lost
+            given_back = False
             if outcome is None or lost:
                 # An error before the end was written, or the job went astray (its log
                 # shorter than what was sent: Redis lost writes). Give it back: a new
                 # attempt continues from what the log holds. Refused if it is not ours.
                 # (Still listed in _inflight meanwhile: a worker dying now gives it back too.)
                 self.publisher.forget(job_id)
-                await self._release(job_id, attempt)
+                given_back = await self._release(job_id, attempt)
+            metrics.JOBS.labels(self.settings.model_name, _outcome_label(outcome, given_back)).inc()
             self._inflight.pop(job_id, None)
+            self._log_fields.pop(job_id, None)  # logs (issue 9)
             self._cancelled.discard(job_id)
             self._lost.discard(job_id)
 
@@ -335,6 +387,19 @@ class WorkerRuntime:
         if record is None or record.request is None:
             return {"status": "missing"}
         plan = plan_attempt(record.request, await self.store.log(job_id) if attempt > 1 else [])
+        # Logs (issue 9): queue_wait_s: claimed (started) minus when it last entered the queue.
+        self._log_fields[job_id] = job_fields(record)
+        log_event(
+            log,
+            "job.started",
+            **job_fields(record),
+            attempt=attempt,
+            worker=self.worker_id,
+            queue_wait_s=(record.started or time.time()) - (record.queued_at or record.created),
+            prompt_tokens=len(record.request.prompt_token_ids),
+            max_tokens=record.request.sampling.max_tokens,
+            continued_tokens=sum(plan.tokens.values()) or None,
+        )
         self.publisher.begin(job_id, plan.next_seq)
         texts = {i: list(t) for i, t in plan.texts.items()}
         tokens = dict(plan.tokens)
@@ -370,12 +435,23 @@ class WorkerRuntime:
             if isinstance(exc, ServiceError)
             else EngineError(f"generation failed: {exc}")
         )
-        if not isinstance(exc, EngineRequestError):
-            log.exception("job %s failed", record.id)
         fields = {"status": JobStatus.failed.value, "finished": time.time(), "error": error.to_dict()["error"]}
         owned = await self.publisher.finish(
             record.id, attempt, "error", error=error.to_dict(), fields=fields, batch=record.batch, owner=record.owner
         )
+        # Logs (issue 9): the end, with the traceback of an engine failure (not of a request
+        # the engine refused). The message is the engine's, as the client gets it.
+        self._log_end(
+            record,
+            attempt,
+            JobStatus.failed if owned else None,
+            float(fields["finished"]),  # type: ignore[arg-type]
+            error_code=error.code,
+            error=error.message[:500],
+            exc_info=exc if not isinstance(exc, EngineRequestError) else None,
+        )
+        if owned:
+            JOBS_ENDED.labels(self.settings.model_name, JobStatus.failed.value, error.code or "").inc()
         return {"status": "failed" if owned else "lost", "error": error.message}
 
     async def _complete(
@@ -408,8 +484,21 @@ class WorkerRuntime:
         owned = await self.publisher.finish(
             job_id, attempt, "done", usage=usage, fields=fields, batch=record.batch, owner=record.owner
         )
+        # Logs (issue 9): the end, with the usage the client gets (completion text only
+        # with LOG_PROMPTS=true).
+        self._log_end(
+            record,
+            attempt,
+            status if owned else None,
+            float(fields["finished"]),  # type: ignore[arg-type]
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            finish_reasons=[finish.get(i) for i in range(record.request.sampling.n)],
+            completion=[c.text for c in result.choices] if self.settings.log_prompts else None,
+        )
         if not owned:
             return None
+        JOBS_ENDED.labels(self.settings.model_name, status.value, "").inc()
         return {
             "status": status.value,
             "attempt": attempt,
@@ -417,13 +506,61 @@ class WorkerRuntime:
             "usage": usage.model_dump(),
         }
 
+    def _log_end(
+        self, record: JobRecord, attempt: int, status: JobStatus | None, finished: float, **fields: Any
+    ) -> None:
+        """Logs (issue 9): `job.ended` (status None: the end was refused, the job is no
+        longer this attempt's: `job.lost`). duration_s: this attempt; total_s: since created."""
+        if status is None:
+            log_event(
+                log,
+                "job.lost",
+                level=logging.WARNING,
+                **job_fields(record),
+                attempt=attempt,
+                worker=self.worker_id,
+                why="its end was refused: another attempt or the reaper has it",
+            )
+            return
+        log_event(
+            log,
+            "job.ended",
+            level=logging.ERROR if fields.get("exc_info") is not None else logging.INFO,
+            **job_fields(record),
+            status=status,
+            attempt=attempt,
+            worker=self.worker_id,
+            duration_s=finished - (record.started or finished),
+            total_s=finished - record.created,
+            by="worker",
+            **fields,
+        )
+
     def _on_lost(self, job_id: str) -> None:
         """The job is no longer ours (another attempt, or the reaper, has it), or its log
         is not where we left it: stop generating."""
         if job_id in self._inflight and job_id not in self._lost:
-            log.warning("job %s is no longer ours; aborting it", job_id)
+            log_event(
+                log,
+                "job.lost",
+                level=logging.WARNING,
+                **self._log_fields.get(job_id, {"job_id": job_id}),
+                attempt=self._inflight[job_id],
+                worker=self.worker_id,
+                why="no longer ours (taken back or its log moved); aborting it",
+            )
             self._lost.add(job_id)
             asyncio.get_running_loop().create_task(self.engine.abort(job_id))
+
+
+def _outcome_label(outcome: dict[str, Any] | None, given_back: bool) -> str:
+    """How a claimed job left this worker, for `llmq_worker_jobs_total` (worker/metrics.py):
+    the end it wrote, else given back to the queue (released), else lost (another
+    attempt or the reaper had it, or its record was gone)."""
+    status = outcome.get("status") if outcome is not None else None
+    if status in ("completed", "failed", "cancelled"):
+        return str(status)
+    return "released" if given_back else "lost"
 
 
 @dataclass

@@ -15,6 +15,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from common.jobs import ChoiceDelta, SamplingSpec
 from common.settings import Settings
@@ -68,9 +69,12 @@ class VllmEngine:
             gpu_memory_utilization=s.gpu_memory_utilization,
             # One sequence per slot at least; `n` > 1 needs more.
             max_num_seqs=max(256, s.worker_slots),
+            # Stats on, recorded by vLLM's Prometheus logger only: its `vllm:*` metrics go
+            # into this process's default registry, which the worker serves (worker/metrics.py).
+            # Not the default LoggingStatLogger, whose periodic lines nobody asked for.
             disable_log_stats=True,
         )
-        self.llm = AsyncLLM.from_engine_args(args)
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger])
         self.max_model_len = self.llm.model_config.max_model_len
         log.info("vLLM engine ready: %s (max_model_len=%d)", s.model_path, self.max_model_len)
 

@@ -40,6 +40,7 @@ from common import keys
 from common.batches import BatchErrors, BatchObject, BatchStatus
 from common.errors import InvalidRequestError, ServiceError
 from common.jobs import JobRecord, JobStatus
+from common.logs import job_fields, log_event
 from common.schemas import ChatCompletionRequest
 from common.settings import Settings
 from common.workers import live_workers
@@ -197,6 +198,16 @@ class BatchRunner:
                     errors=BatchErrors(data=errors),
                 )
                 await self.redis.srem(keys.ACTIVE_BATCHES, batch_id)
+                # Logs (issue 9): its input was refused; nothing ran.
+                log_event(
+                    log,
+                    "batch.ended",
+                    batch_id=batch_id,
+                    key_id=batch.owner or None,
+                    status=BatchStatus.failed,
+                    errors=len(errors),
+                    first_error=errors[0].code if errors else None,
+                )
                 return
             await self.redis.hset(keys.batch(batch_id), "n_total", total)
             await set_fields(self.redis, batch_id, status=BatchStatus.in_progress, in_progress_at=int(time.time()))
@@ -288,6 +299,18 @@ class BatchRunner:
             self._line(failed, batch, line)
             await self.pipeline.store.create(failed, ttl=self._ttl())
             await self.redis.sadd(keys.batch_ended(batch.id, JobStatus.failed.value), job_id)
+            # Logs (issue 9): an invalid line's job ends before it was ever queued.
+            log_event(
+                log,
+                "job.ended",
+                **job_fields(failed),
+                status=JobStatus.failed,
+                attempt=0,
+                error_code=error.code,
+                param=error.param,
+                status_code=error.status_code,
+                by="batch",
+            )
             return None
         self._line(record, batch, line)
         return record
@@ -303,6 +326,7 @@ class BatchRunner:
         return max(self.settings.job_ttl_seconds, 2 * 24 * 3600)
 
     async def _submit(self, record: JobRecord) -> None:
+        # (Logs, issue 9: `enqueue` writes the line's `job.created`, with its batch_id.)
         created, _ = await self.pipeline.enqueue(record, keys.BATCH_PRIORITY, ttl=self._ttl())
         if created != 1:
             # Handed out before a restart: if it has ended meanwhile, it holds no slot.
@@ -317,7 +341,7 @@ class BatchRunner:
     async def _stop_lines(self, batch_id: str, counters: dict[str, int]) -> None:
         """Cancel the lines handed out that have not ended; the rest are never handed out."""
         for index in range(counters["dispatched"]):
-            await self.pipeline.cancel(keys.batch_job_id(batch_id, index), quiet=True)
+            await self.pipeline.cancel(keys.batch_job_id(batch_id, index), quiet=True, source="batch")
 
     async def _finalize(self, batch_id: str, final: BatchStatus) -> None:
         """Write the output and error files and end the batch. Safe to repeat after a
@@ -349,3 +373,15 @@ class BatchRunner:
         await self.redis.hset(keys.batch(batch_id), mapping={"n_completed": completed, "n_failed": failed})
         await set_fields(self.redis, batch_id, **fields)
         await self.redis.srem(keys.ACTIVE_BATCHES, batch_id)
+        # Logs (issue 9): the batch's end, with its final counts.
+        log_event(
+            log,
+            "batch.ended",
+            batch_id=batch_id,
+            key_id=batch.owner or None,
+            status=final,
+            total=batch.request_counts.total,
+            completed=completed,
+            failed=failed,
+            duration_s=time.time() - batch.created_at,
+        )

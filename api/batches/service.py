@@ -3,6 +3,7 @@ the `BatchRunner`'s business; this only records what clients ask for and wakes i
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -17,6 +18,9 @@ from api.files import FileStore
 from common import keys
 from common.batches import BatchObject, BatchStatus, batch_to_redis
 from common.errors import ConflictError, InvalidRequestError, NotFoundError
+from common.logs import log_event
+
+log = logging.getLogger(__name__)
 
 
 class BatchCreate(BaseModel):
@@ -69,6 +73,15 @@ class BatchService:
             pipe.sadd(keys.ACTIVE_BATCHES, batch.id)
             await pipe.execute()
         self.runner.start(batch.id)
+        # Logs (issue 9): the batch's first line; its lines' jobs name it as batch_id.
+        log_event(
+            log,
+            "batch.created",
+            batch_id=batch.id,
+            key_id=caller.key_id or None,
+            input_file_id=batch.input_file_id,
+            completion_window=batch.completion_window,
+        )
         return batch
 
     async def get(self, batch_id: str, caller: Principal) -> BatchObject:
@@ -91,6 +104,9 @@ class BatchService:
         if batch.status.terminal:
             raise BatchConflictError(f"Batch '{batch_id}' has already ended ({batch.status.value}).")
         await set_fields(self.redis, batch_id, status=BatchStatus.cancelling, cancelling_at=int(time.time()))
+        log_event(
+            log, "batch.cancel_requested", batch_id=batch_id, key_id=batch.owner or None, by=caller.key_id or None
+        )
         self.runner.start(batch_id)
         self.runner.wake(batch_id)
         return await self.get(batch_id, caller)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,9 +22,18 @@ from api.auth import Principal
 from api.catalog import ModelCatalog
 from api.jobs.pipeline import JobConflictError, JobNotFoundError, JobPipeline
 from api.limits import check_chat_limits
+from api.metrics import RequestTimer, observe_queue_wait
 from api.relay import StreamClosed, Subscription
-from common.errors import ContextLengthError, InvalidRequestError, ServiceError, ServiceUnavailableError
+from common import keys
+from common.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    RateLimitError,
+    ServiceError,
+    ServiceUnavailableError,
+)
 from common.jobs import JobOptions, JobRecord, JobRequest, JobStatus, SamplingSpec, new_job_id
+from common.logs import log_event
 from common.schemas import (
     ChatCompletion,
     ChatCompletionJob,
@@ -35,6 +45,7 @@ from common.schemas import (
 from common.settings import Settings
 
 DONE = "[DONE]"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -184,11 +195,29 @@ class ChatAdapter:
         """Count, validate, admit, record and queue a request: its view, its channel's
         subscription (unless it runs in the background without a stream) and the
         rate-limit headers its response carries."""
-        headers = await self.pipeline.admission.count_request(caller)
-        await self.pipeline.look(req.model, headers)
-        record = await self.prepare(req, owner=caller.key_id)
-        view = JobView(record.id, req.model, int(record.created), req.n, req.include_usage, req.background)
-        subscription = await self.pipeline.submit(record, follow=req.stream or not req.background, headers=headers)
+        try:
+            headers = await self.pipeline.admission.count_request(caller)
+            await self.pipeline.look(req.model, headers)
+            record = await self.prepare(req, owner=caller.key_id)
+            view = JobView(record.id, req.model, int(record.created), req.n, req.include_usage, req.background)
+            # Logs (issue 9): the prompt goes in `job.created` only with LOG_PROMPTS=true.
+            prompt = {"messages": [m.for_template() for m in req.messages]} if self.settings.log_prompts else None
+            subscription = await self.pipeline.submit(
+                record, follow=req.stream or not req.background, headers=headers, log_fields=prompt
+            )
+        except RateLimitError as exc:
+            # Logs (issue 9): a 429, nothing written (the job never existed).
+            log_event(
+                log,
+                "job.refused",
+                model=req.model,
+                key_id=caller.key_id or None,
+                status=exc.status_code,
+                reason=exc.code,
+                retry_after=exc.headers.get("retry-after"),
+                message=exc.message,
+            )
+            raise
         return view, subscription, headers
 
     # -- reading ----------------------------------------------------------------------
@@ -210,11 +239,13 @@ class ChatAdapter:
         after: int = -1,
         cancel_on_disconnect: bool = False,
         shutdown: anyio.Event | None = None,
+        timer: RequestTimer | None = None,
     ) -> AsyncIterator[dict[str, str]]:
         """SSE events (`data`, `id`) ending with `[DONE]`. Each event's `id` is the job
         event's seq, so `Last-Event-ID` resumes exactly after it. Leaving an ordinary
         stream cancels its job; a server shutting down (`shutdown` set) does not: the
-        client resumes on another API process."""
+        client resumes on another API process. `timer`: the request that created the job
+        (not a resumed stream) times what its client sees (api.metrics)."""
         finished = False
         try:
             if after < 0:
@@ -248,6 +279,8 @@ class ChatAdapter:
                         if choices:
                             sent_content_in = event.attempt
                             yield {"data": chunk_json(job, choices, attempt=event.attempt), "id": str(event.seq)}
+                            if timer is not None and any(c.text for c in event.choices):
+                                timer.content_sent()  # metrics: sent (the next one is asked for)
                     elif event.kind == "done":
                         finished = True
                         # Ends that came with no delta (cancelled while queued, or by the reaper).
@@ -277,11 +310,16 @@ class ChatAdapter:
                 yield {"data": json.dumps(ServiceUnavailableError("lost the connection to Redis mid-stream").to_dict())}
             finished = True
             yield {"data": DONE}
+            if timer is not None:
+                timer.ended()  # metrics: [DONE] sent
         finally:
             leaving = not finished and cancel_on_disconnect and not (shutdown is not None and shutdown.is_set())
             if leaving:
                 with anyio.CancelScope(shield=True):
-                    await self.pipeline.cancel(job.id, quiet=True)
+                    await self.pipeline.cancel(job.id, quiet=True, source="disconnect")
+            if timer is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.observe_queue_wait(job)
 
     async def collect(self, job: JobView, subscription: Subscription | None, caller: Principal) -> ChatCompletion:
         """Wait for the job to end; the `chat.completion`. If the caller goes away first
@@ -297,9 +335,20 @@ class ChatAdapter:
         finally:
             if not finished:
                 with anyio.CancelScope(shield=True):
-                    await self.pipeline.cancel(job.id, quiet=True)
+                    await self.pipeline.cancel(job.id, quiet=True, source="disconnect")
+            with anyio.CancelScope(shield=True):
+                await self.observe_queue_wait(job)  # metrics (issue 9)
         _, record = await self.view(job.id, caller)
         return completion_object(record)
+
+    async def observe_queue_wait(self, job: JobView) -> None:
+        """Metrics: the job's queue wait (created -> started) from its record, once the
+        request following it is done with it (nothing if it never started)."""
+        try:
+            created, started = await self.pipeline.redis.hmget(keys.job(job.id), ["created", "started"])
+        except RedisError:
+            return
+        observe_queue_wait(job.model, created, started)
 
     async def get(self, job_id: str, caller: Principal) -> ChatCompletionJob:
         _, record = await self.view(job_id, caller)
@@ -310,7 +359,7 @@ class ChatAdapter:
     async def cancel(self, job_id: str, caller: Principal) -> ChatCompletionJob:
         """Cancel a job and answer with it (a running one ends within an engine step or two)."""
         await self.view(job_id, caller)
-        before = await self.pipeline.cancel(job_id)
+        before = await self.pipeline.cancel(job_id, source="client")
         if before == "missing":
             raise JobNotFoundError(f"No chat completion job found with id '{job_id}'.", param="completion_id")
         if before in (JobStatus.completed.value, JobStatus.failed.value):

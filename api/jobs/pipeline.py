@@ -10,7 +10,9 @@ get:    the record; follow: its events from any cursor (`JobReader`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -18,12 +20,15 @@ from redis.exceptions import RedisError
 
 from api.admission import Admission
 from api.jobs.reader import JobReader
+from api.metrics import count_cancellation
 from api.relay import StreamRelay, Subscription
 from common import keys
 from common.errors import ConflictError, NotFoundError, RateLimitError, ServiceUnavailableError
 from common.job_queue import JobQueue
 from common.jobs import ChunkEvent, JobRecord, JobStatus
 from common.jobstore import JobStore
+from common.logs import job_fields, log_event
+from common.metrics import JOBS_ENDED
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,17 +61,19 @@ class JobPipeline:
         follow: bool,
         priority: int = keys.CHAT_PRIORITY,
         headers: dict[str, str] | None = None,
+        log_fields: dict[str, Any] | None = None,
     ) -> Subscription | None:
         """Admit, record and queue a client's job. With `follow`, its channel is
         subscribed before the job is queued; the subscription is returned. A job refused
         by admission control raises a `RateLimitError` (carrying `headers` and
         Retry-After) with nothing written. A job that could not be queued is refused to
-        the client, and ended so that it never runs."""
+        the client, and ended so that it never runs. `log_fields`: more for its
+        `job.created` log line."""
         max_waiting = await self.admission.queue_limit(record.model)
         max_active = self.settings.max_concurrent_jobs_per_key
         subscription = await self.relay.subscribe(keys.job_channel(record.id)) if follow else None
         try:
-            code, count = await self.enqueue(record, priority, limits=(max_waiting, max_active))
+            code, count = await self.enqueue(record, priority, limits=(max_waiting, max_active), log_fields=log_fields)
             if code < 0:
                 limit = max_waiting if code == -1 else max_active
                 raise await self.admission.refusal(record.model, code, count, limit, headers or {})
@@ -95,7 +102,12 @@ class JobPipeline:
             raise await self.admission.refusal(model, -1, waiting, max_waiting, headers or {})
 
     async def enqueue(
-        self, record: JobRecord, priority: int, ttl: int | None = None, limits: tuple[int, int] = (0, 0)
+        self,
+        record: JobRecord,
+        priority: int,
+        ttl: int | None = None,
+        limits: tuple[int, int] = (0, 0),
+        log_fields: dict[str, Any] | None = None,
     ) -> tuple[int, int]:
         """Store a job (unless its id exists: a batch line handed out again, or it is
         refused by `limits`: the most jobs waiting for its model, and queued or running
@@ -104,6 +116,21 @@ class JobPipeline:
         if record.deadline is None:
             record.deadline = record.created + self.settings.queue_timeout_seconds
         code, count = await self.store.create(record, ttl, *limits)
+        if code == 1:
+            # Logs (issue 9): the job's first line, written before its message is sent, so
+            # before any worker's `job.started`.
+            sampling = record.request.sampling if record.request else None
+            log_event(
+                log,
+                "job.created",
+                **job_fields(record),
+                n=sampling.n if sampling else None,
+                max_tokens=sampling.max_tokens if sampling else None,
+                prompt_tokens=len(record.request.prompt_token_ids) if record.request else None,
+                stream=record.options.stream,
+                background=record.options.background,
+                **(log_fields or {}),
+            )
         if code == 1 or (code == 0 and await self.store.status(record.id) == JobStatus.queued):
             await self.queue.submit(record.id, record.model, priority)
         return code, count
@@ -116,18 +143,48 @@ class JobPipeline:
     ) -> AsyncIterator[ChunkEvent]:
         return self.reader.follow(job_id, after, subscription)
 
-    async def cancel(self, job_id: str, quiet: bool = False) -> str:
+    async def cancel(self, job_id: str, quiet: bool = False, source: str | None = None) -> str:
         """Cancel a job: the status it had. A queued job ends now; a running one is
         aborted by its worker (announced at once, and flagged in the record in case the
-        announcement is missed). `quiet`: for clean-up, never raises."""
+        announcement is missed). `quiet`: for clean-up, never raises. `source` (client,
+        disconnect, batch): who asked, counted in the metrics (None: not counted)."""
         try:
             record = await self.store.get(job_id)
             before = "missing" if record is None else await self.store.cancel(record)
             if before == "in_progress":
                 await self.redis.publish(keys.CANCEL_CHANNEL, job_id)
+            # Metrics (issue 9): a queued job ended here is this process's terminal write; a
+            # cancellation counts once (a running job already flagged is not counted again).
+            if record is not None:
+                if before == "queued":
+                    JOBS_ENDED.labels(record.model, JobStatus.cancelled.value, "").inc()
+                if source and (before == "queued" or (before == "in_progress" and not record.cancel_requested)):
+                    count_cancellation(record.model, source)
+            if record is not None and before in ("queued", "in_progress"):
+                # Logs (issue 9). Asked again for a job already flagged (a batch's cancel
+                # repeats): DEBUG. A queued job ended here: this is its end.
+                log_event(
+                    log,
+                    "job.cancel_requested",
+                    level=logging.DEBUG if record.cancel_requested else logging.INFO,
+                    **job_fields(record),
+                    status=before,
+                    by=source,
+                )
+                if before == "queued":
+                    log_event(
+                        log,
+                        "job.ended",
+                        **job_fields(record),
+                        status=JobStatus.cancelled,
+                        attempt=record.attempt,
+                        prompt_tokens=len(record.request.prompt_token_ids) if record.request else None,
+                        total_s=time.time() - record.created,
+                        by="api",
+                    )
         except RedisError:
             if quiet:
-                log.warning("could not cancel %s: Redis unreachable", job_id)
+                log_event(log, "job.cancel_failed", level=logging.WARNING, job_id=job_id, error="redis unreachable")
                 return "unknown"
             raise
         return before

@@ -13,6 +13,7 @@ from sse_starlette import EventSourceResponse
 from api.deps import ChatDep, PrincipalDep, SettingsDep
 from api.endpoints.chat import JobView
 from api.jobs.reader import MAX_CURSOR, parse_cursor
+from api.metrics import RequestTimer, arrived_at, count_resume
 from api.openapi import RATE_LIMIT_HEADERS, REQUEST_ID, SSE_EVENT, error_responses
 from common.schemas import ChatCompletion, ChatCompletionJob, ChatCompletionRequest
 from common.settings import Settings
@@ -75,10 +76,14 @@ async def create_chat_completion(
     caller: PrincipalDep,
 ) -> Any:
     job, subscription, headers = await chat.submit(body, caller)
+    # Metrics (issue 9): what the client sees, from the request's arrival (api/metrics.py).
+    timer = RequestTimer(job.model, arrived_at(request.scope))
     if body.stream:
         # A background job outlives its client; an ordinary one is cancelled when it leaves.
         shutdown = anyio.Event()
-        events = chat.stream(job, subscription, cancel_on_disconnect=not body.background, shutdown=shutdown)
+        events = chat.stream(
+            job, subscription, cancel_on_disconnect=not body.background, shutdown=shutdown, timer=timer
+        )
         return sse(settings, job, events, shutdown, headers)
     response.headers.update(headers)
     response.headers["X-Request-Id"] = job.id
@@ -89,6 +94,7 @@ async def create_chat_completion(
     while True:
         done, _ = await asyncio.wait({collecting}, timeout=1.0)
         if done:
+            timer.ended()  # metrics: the job's end is in (the completion, or its error)
             return collecting.result()
         if await request.is_disconnected():
             collecting.cancel()
@@ -132,6 +138,7 @@ async def stream_chat_completion(
     if starting_after is not None:
         after = starting_after
     job, _ = await chat.view(completion_id, caller)
+    count_resume(job.model)  # metrics (issue 9)
     shutdown = anyio.Event()
     return sse(settings, job, chat.stream(job, after=after, shutdown=shutdown), shutdown)
 

@@ -57,7 +57,7 @@ class ScriptedPipeline:
                 if event.kind != "delta":
                     return
 
-    async def cancel(self, job_id, quiet=False):
+    async def cancel(self, job_id, quiet=False, source="client"):
         self.cancelled.append(job_id)
         return "in_progress"
 
