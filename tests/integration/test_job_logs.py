@@ -144,7 +144,8 @@ def test_each_jobs_lines_tell_its_story_without_the_key_or_the_prompt(stack):
     assert resp.status_code == 200
     cancelled_job = wait_status(url, cancelled, ("cancelled",))
     cancelled_usage = cancelled_job["usage"]
-    assert 0 < cancelled_usage["completion_tokens"] < 8 * 900
+    # Cancelled mid-run (0 tokens if the cancel beat the first engine step).
+    assert 0 <= cancelled_usage["completion_tokens"] < 8 * 900
 
     refused = httpx.post(url + "/v1/chat/completions", json=body, headers=bearer(WRONG_KEY), timeout=30)
     assert refused.status_code == 401
