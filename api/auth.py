@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from starlette._utils import get_route_path
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.errors import error_response
 from common.errors import AuthenticationError
 from common.settings import Settings
 
@@ -48,8 +48,12 @@ class Principal:
 ANONYMOUS = Principal(key_id="")
 
 
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
 def key_id(key: str) -> str:
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return "key-" + _digest(key.encode()).hex()[:12]
 
 
 def _split(value: str) -> list[str]:
@@ -68,9 +72,9 @@ class KeyRing:
     def __init__(self, keys: list[str], admin_keys: list[str]):
         entries: dict[bytes, Principal] = {}
         for key in keys:
-            entries[hashlib.sha256(key.encode()).digest()] = Principal(key_id(key))
+            entries[_digest(key.encode())] = Principal(key_id(key))
         for key in admin_keys:  # a key listed in both is an admin
-            entries[hashlib.sha256(key.encode()).digest()] = Principal(key_id(key), admin=True)
+            entries[_digest(key.encode())] = Principal(key_id(key), admin=True)
         self._entries = list(entries.items())
 
     @classmethod
@@ -85,7 +89,7 @@ class KeyRing:
         return not self._entries
 
     def authenticate(self, key: str) -> Principal | None:
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        digest = _digest(key.encode("utf-8", "surrogateescape"))
         found: Principal | None = None
         for known, principal in self._entries:  # every digest, whatever matched
             if hmac.compare_digest(digest, known):
@@ -138,23 +142,11 @@ class AuthMiddleware:
 
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, message: str) -> None:
-        err = AuthenticationError(message)
-        body = json.dumps(err.to_dict()).encode()
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="llmq"'),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        err = AuthenticationError(message, headers={"WWW-Authenticate": 'Bearer realm="llmq"'})
+        await error_response(err)(scope, receive, send)
 
 
 def principal_of(request: Request) -> Principal:

@@ -34,6 +34,7 @@ from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from api.errors import error_response
 from common.errors import (
     HeadersTooLargeError,
     InvalidRequestError,
@@ -57,17 +58,9 @@ def _error_body(err: ServiceError) -> bytes:
     return json.dumps(err.to_dict(), separators=(",", ":")).encode()
 
 
-async def send_error(send: Send, err: ServiceError) -> None:
-    """An OpenAI error object as a complete ASGI response."""
-    body = _error_body(err)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": err.status_code,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def send_error(scope: Scope, receive: Receive, send: Send, err: ServiceError) -> None:
+    """An OpenAI error object as a complete ASGI response (`api.errors.error_response`)."""
+    await error_response(err)(scope, receive, send)
 
 
 # -- headers ---------------------------------------------------------------------------
@@ -89,7 +82,7 @@ class HeaderLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and header_bytes(scope.get("headers") or []) > self.max_bytes:
-            await send_error(send, headers_too_large(self.max_bytes))
+            await send_error(scope, receive, send, headers_too_large(self.max_bytes))
             return
         await self.app(scope, receive, send)
 
@@ -275,8 +268,13 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope, kind)
         for name, value in scope.get("headers") or []:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await send_error(send, body_too_large(limit))
+                await send_error(scope, receive, send, body_too_large(limit))
                 return
+        if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            # No route reads their bodies: nothing to count, and a resumed stream's chunks
+            # then go out without passing through here.
+            await self.app(scope, receive, send)
+            return
         received = [0]
         try:
             if scope.get("method") in ("POST", "PUT", "PATCH") and _is_json(kind):
@@ -299,7 +297,7 @@ class BodyLimitMiddleware:
             received[0] += len(chunk)
             if received[0] > limit:
                 del chunks
-                await send_error(send, body_too_large(limit))
+                await send_error(scope, receive, send, body_too_large(limit))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -312,7 +310,7 @@ class BodyLimitMiddleware:
             err = await anyio.to_thread.run_sync(check) if len(body) >= TRIM_BYTES else check()
             del check
             if err is not None:
-                await send_error(send, err)
+                await send_error(scope, receive, send, err)
                 return
         replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
         del body
@@ -353,7 +351,7 @@ class BodyLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await send_error(send, body_too_large(limit))
+            await send_error(scope, receive, send, body_too_large(limit))
 
 
 # -- chat requests ---------------------------------------------------------------------

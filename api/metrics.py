@@ -227,13 +227,16 @@ class RequestTimer:
         self.model = model
         self.arrived = arrived
         self._last: float | None = None
+        # The labelled children, looked up once: `content_sent` runs for every chunk.
+        self._ttft = TTFT.labels(model)
+        self._itl = ITL.labels(model)
 
     def content_sent(self) -> None:
         now = time.perf_counter()
         if self._last is None:
-            TTFT.labels(self.model).observe(now - self.arrived)
+            self._ttft.observe(now - self.arrived)
         else:
-            ITL.labels(self.model).observe(now - self._last)
+            self._itl.observe(now - self._last)
         self._last = now
 
     def ended(self) -> None:

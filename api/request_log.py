@@ -17,11 +17,12 @@ from typing import Any
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import SCOPE_KEY, Principal
+from api.auth import PUBLIC_PATHS, SCOPE_KEY, Principal
+from api.metrics import METRICS_PATHS
 from common.logs import log_event
 
 log = logging.getLogger("api.requests")
-QUIET_PATHS = frozenset({"/health", "/v1/health", "/metrics", "/metrics/targets"})
+QUIET_PATHS = PUBLIC_PATHS | METRICS_PATHS
 # The status logged for a request whose client left before any response was sent.
 CLIENT_CLOSED = 499
 

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, Field, PrivateAttr
 
 from common.keys import text
 
 
-class FileObject(BaseModel):
+class Owned(BaseModel):
+    """An object that belongs to an API key (its id); the owner is not part of the API's
+    object, only of its record."""
+
+    _owner: str = PrivateAttr(default="")
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    def owned_by(self, owner: str) -> Self:
+        self._owner = owner
+        return self
+
+
+class FileObject(Owned):
     id: str
     object: Literal["file"] = "file"
     bytes: int
@@ -21,16 +36,6 @@ class FileObject(BaseModel):
     status: str = "processed"
     expires_at: int | None = None
     status_details: str | None = None
-    # The id of the API key that owns it (not part of the API's object).
-    _owner: str = PrivateAttr(default="")
-
-    @property
-    def owner(self) -> str:
-        return self._owner
-
-    def owned_by(self, owner: str) -> FileObject:
-        self._owner = owner
-        return self
 
     def to_redis(self) -> dict[str, str]:
         out = {k: json.dumps(v) for k, v in self.model_dump().items()}
@@ -77,7 +82,7 @@ class BatchErrors(BaseModel):
     data: list[BatchError]
 
 
-class BatchObject(BaseModel):
+class BatchObject(Owned):
     id: str
     object: Literal["batch"] = "batch"
     endpoint: str
@@ -98,20 +103,10 @@ class BatchObject(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts = Field(default_factory=RequestCounts)
     metadata: dict[str, str] | None = None
-    # The id of the API key that owns it (not part of the API's object).
-    _owner: str = PrivateAttr(default="")
-
-    @property
-    def owner(self) -> str:
-        return self._owner
-
-    def owned_by(self, owner: str) -> BatchObject:
-        self._owner = owner
-        return self
 
 
 # Batch record fields that are plain strings in the Redis hash; the rest are JSON.
-_PLAIN = {"id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id", "owner"}
+_PLAIN = {"id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id"}
 # Counters: `total` and `dispatched` (lines handed out, a high-water mark) live in the
 # record; the ended lines are counted from the batch's per-status sets (`ended`), until
 # the batch ends and its final counts are written into the record.

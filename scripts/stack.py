@@ -163,8 +163,6 @@ class Stack:
             "worker",
             "-n",
             f"{name}@%h",
-            "--loglevel",
-            "INFO",
             # Mingle and gossip make every (re)connection to the broker wait for other
             # workers' replies; nothing here needs them (Flower works from task events).
             "--without-mingle",

@@ -332,13 +332,16 @@ class ChatAdapter:
                     raise ServiceError.from_dict(event.error or {})
                 if event.kind == "done":
                     finished = True
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.observe_queue_wait(job)  # metrics (issue 9)
+            raise
         finally:
             if not finished:
                 with anyio.CancelScope(shield=True):
                     await self.pipeline.cancel(job.id, quiet=True, source="disconnect")
-            with anyio.CancelScope(shield=True):
-                await self.observe_queue_wait(job)  # metrics (issue 9)
         _, record = await self.view(job.id, caller)
+        observe_queue_wait(job.model, record.created, record.started)  # metrics, from the record read anyway
         return completion_object(record)
 
     async def observe_queue_wait(self, job: JobView) -> None:
