@@ -49,9 +49,49 @@ class SamplingSpec(BaseModel):
     min_tokens: int = 0
 
 
+class OutputSpec(BaseModel):
+    """A job answered in OpenAI's richer shapes (tools, structured output, reasoning,
+    logprobs, echo): the worker's engine builds vLLM's own protocol request from `body`
+    (vLLM's `ChatCompletionRequest` / `CompletionRequest`: its SamplingParams, structured
+    outputs and parsers), so the answer is what `vllm serve` would give. Absent on plain
+    text jobs, which take the lean path (`SamplingSpec` alone)."""
+
+    api: Literal["chat", "completion"] = "chat"
+    # The OpenAI request as validated by the API: every field the client sent except the
+    # prompt itself (`messages`/`prompt`, already in the token ids) and llmq's own
+    # (`background`); `max_tokens` is the resolved per-choice budget.
+    body: dict[str, Any] = Field(default_factory=dict)
+    # Completions with `echo`: each prompt as text, prepended to its choices' text.
+    echo_texts: list[str] | None = None
+
+
 class JobRequest(BaseModel):
     prompt_token_ids: list[int]
     sampling: SamplingSpec
+    # Completions with several prompts: the second and later ones. Choice index
+    # `p * n + j` is the j-th sample of prompt p (as vLLM and OpenAI number them).
+    more_prompts: list[list[int]] | None = None
+    output: OutputSpec | None = None
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [self.prompt_token_ids, *(self.more_prompts or [])]
+
+    @property
+    def choices(self) -> int:
+        """How many choices the answer has."""
+        return self.sampling.n * (1 + len(self.more_prompts or []))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids) + sum(len(p) for p in self.more_prompts or [])
+
+    @property
+    def continuable(self) -> bool:
+        """A new attempt (the worker was lost) may continue from the tokens sent; else
+        it starts over (several choices, or parser and grammar state that cannot be
+        resumed from text)."""
+        return self.choices == 1 and self.output is None
 
 
 def new_job_id() -> str:
@@ -68,8 +108,14 @@ class JobOptions(BaseModel):
 
 class ChoiceResult(BaseModel):
     index: int
+    # The text (for a chat job: the content; for a completion: echo included).
     text: str
     finish_reason: str | None = None
+    # Rich chat jobs: the whole message as vLLM's parser reads the finished output
+    # (`content` (str | None), `reasoning` (str | None), `tool_calls` (OpenAI tool calls)).
+    message: dict[str, Any] | None = None
+    # The choice's logprobs in the API's wire shape (see ChoiceDelta.logprobs).
+    logprobs: dict[str, Any] | None = None
 
 
 class JobResult(BaseModel):
@@ -134,10 +180,74 @@ EventKind = Literal["delta", "done", "error"]
 
 class ChoiceDelta(BaseModel):
     index: int
+    # New text: for a rich chat job the content part only (after vLLM's parsers).
     text: str = ""
     # The tokens behind `text`: a new attempt continues from them.
     token_ids: list[int] = Field(default_factory=list)
     finish_reason: str | None = None
+    # Rich chat jobs (OutputSpec): reasoning text, and tool-call deltas exactly as OpenAI
+    # streams them ({"index", "id", "type", "function": {"name", "arguments"}}).
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    # Logprobs of this delta's tokens in the API's wire shape: chat {"content": [...]},
+    # completion {"tokens", "token_logprobs", "top_logprobs", "text_offset"} (lists,
+    # concatenated when deltas merge).
+    logprobs: dict[str, Any] | None = None
+    # The last delta of a rich chat choice: its whole message (ChoiceResult.message).
+    # The worker keeps it for the job's result; it is never published.
+    message: dict[str, Any] | None = None
+
+    def extend(self, more: ChoiceDelta) -> None:
+        """Append a later delta of the same choice: text, tokens and logprobs follow on,
+        tool-call deltas merge by their index (a fragment of arguments joins the call it
+        belongs to, as an OpenAI client merges them), the finish reason is the latest."""
+        self.text += more.text
+        self.token_ids.extend(more.token_ids)
+        self.finish_reason = more.finish_reason or self.finish_reason
+        if more.reasoning:
+            self.reasoning = (self.reasoning or "") + more.reasoning
+        if more.tool_calls:
+            self.tool_calls = merge_tool_call_deltas(self.tool_calls or [], more.tool_calls)
+        if more.logprobs:
+            self.logprobs = merge_logprobs(self.logprobs, more.logprobs)
+        if more.message is not None:
+            self.message = more.message
+
+
+def merge_tool_call_deltas(into: list[dict[str, Any]], more: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool-call deltas as one: per call index, the first id, type and name, and the
+    arguments fragments joined in order."""
+    out = [dict(c, function=dict(c.get("function") or {})) for c in into]
+    by_index = {c["index"]: c for c in out}
+    for call in more:
+        have = by_index.get(call["index"])
+        if have is None:
+            have = dict(call, function=dict(call.get("function") or {}))
+            by_index[call["index"]] = have
+            out.append(have)
+            continue
+        for key in ("id", "type"):
+            if call.get(key) and not have.get(key):
+                have[key] = call[key]
+        fn = call.get("function") or {}
+        if fn.get("name") and not have["function"].get("name"):
+            have["function"]["name"] = fn["name"]
+        if fn.get("arguments"):
+            have["function"]["arguments"] = (have["function"].get("arguments") or "") + fn["arguments"]
+    return out
+
+
+def merge_logprobs(into: dict[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:
+    """Logprobs of consecutive tokens as one: every list in the wire shape concatenated."""
+    if not into:
+        return {k: list(v) if isinstance(v, list) else v for k, v in more.items()}
+    out = dict(into)
+    for key, value in more.items():
+        if isinstance(value, list):
+            out[key] = list(out.get(key) or []) + value
+        elif key not in out:
+            out[key] = value
+    return out
 
 
 class ChunkEvent(BaseModel):
@@ -176,3 +286,8 @@ class ModelCard(BaseModel):
     max_model_len: int
     tokenizer_digest: str
     created: int
+    # What the workers of this model can do (as `vllm serve`'s --tool-call-parser,
+    # --enable-auto-tool-choice, --reasoning-parser): the API refuses what they cannot.
+    tool_call_parser: str | None = None
+    auto_tool_choice: bool = False
+    reasoning_parser: str | None = None

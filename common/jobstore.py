@@ -330,7 +330,7 @@ class JobStore:
         """(n, prompt tokens): what a `done` event written for the job needs."""
         if record.request is None:
             return 1, 0
-        return record.request.sampling.n, len(record.request.prompt_token_ids)
+        return record.request.choices, record.request.prompt_tokens
 
     # -- creating and reading ------------------------------------------------------------
 

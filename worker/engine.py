@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from common.jobs import ChoiceDelta, SamplingSpec
+from common.jobs import ChoiceDelta, JobRequest
 from common.settings import Settings
 
 
@@ -26,11 +26,13 @@ class Engine(Protocol):
         and chat template, to count and validate prompts before queueing."""
         ...
 
-    def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec
-    ) -> AsyncIterator[list[ChoiceDelta]]:
-        """Yield, per engine step, what each choice gained: new text, token count, and
-        its finish reason (`stop`, `length`, `cancelled`) once it ends."""
+    def generate(self, request_id: str, request: JobRequest) -> AsyncIterator[list[ChoiceDelta]]:
+        """Yield, per engine step, what each choice gained: new text, its tokens, and its
+        finish reason (`stop`, `length`, `tool_calls`, `cancelled`) once it ends. All of
+        the request's prompts (`request.prompts`), choice `p * n + j` for sample j of
+        prompt p. A rich request (`request.output`) answers in OpenAI's shapes as `vllm
+        serve` would: content, reasoning, tool-call deltas and logprobs, and on each
+        choice's last delta its whole `message` (chat)."""
         ...
 
     async def abort(self, request_id: str) -> None:

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from common.jobs import ChoiceDelta, SamplingSpec
+from common.jobs import ChoiceDelta, JobRequest
 from common.settings import Settings
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -46,9 +46,11 @@ class FakeEngine:
         folder = Path(self.settings.model_path)
         return {n: (folder / n).read_bytes() for n in TOKENIZER_FILES if (folder / n).is_file()}
 
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec
-    ) -> AsyncIterator[list[ChoiceDelta]]:
+    async def generate(self, request_id: str, request: JobRequest) -> AsyncIterator[list[ChoiceDelta]]:
+        sampling = request.sampling
+        choices = request.choices
+        # Every prompt's samples read the same (from the first prompt's length on).
+        prompt_len = len(request.prompt_token_ids)
         sent = 0
         while sent < sampling.max_tokens:
             await asyncio.sleep(self.step_seconds)
@@ -56,15 +58,13 @@ class FakeEngine:
                 raise RuntimeError("the fake engine is dead")
             if request_id in self._aborted:
                 self._aborted.discard(request_id)
-                yield [ChoiceDelta(index=i, finish_reason="cancelled") for i in range(sampling.n)]
+                yield [ChoiceDelta(index=i, finish_reason="cancelled") for i in range(choices)]
                 return
             step = min(self.tokens_per_step, sampling.max_tokens - sent)
-            text = token_text(len(prompt_token_ids) + sent, step)
+            text = token_text(prompt_len + sent, step)
             sent += step
             done = "length" if sent >= sampling.max_tokens else None
-            yield [
-                ChoiceDelta(index=i, text=text, token_ids=[42] * step, finish_reason=done) for i in range(sampling.n)
-            ]
+            yield [ChoiceDelta(index=i, text=text, token_ids=[42] * step, finish_reason=done) for i in range(choices)]
 
     async def abort(self, request_id: str) -> None:
         self._aborted.add(request_id)

@@ -48,9 +48,7 @@ def merge_deltas(into: list[ChoiceDelta], more: list[ChoiceDelta]) -> list[Choic
         if have is None:
             by_index[c.index] = c.model_copy(deep=True)
         else:
-            have.text += c.text
-            have.token_ids.extend(c.token_ids)
-            have.finish_reason = c.finish_reason or have.finish_reason
+            have.extend(c)
     return [by_index[i] for i in sorted(by_index)]
 
 

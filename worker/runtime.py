@@ -39,8 +39,8 @@ from common.jobs import (
     JobResult,
     JobStatus,
     ModelCard,
-    SamplingSpec,
     WorkerInfo,
+    merge_logprobs,
 )
 from common.jobstore import JobStore, new_claim_token
 from common.logs import job_fields, log_event
@@ -396,7 +396,7 @@ class WorkerRuntime:
             attempt=attempt,
             worker=self.worker_id,
             queue_wait_s=(record.started or time.time()) - (record.queued_at or record.created),
-            prompt_tokens=len(record.request.prompt_token_ids),
+            prompt_tokens=record.request.prompt_tokens,
             max_tokens=record.request.sampling.max_tokens,
             continued_tokens=sum(plan.tokens.values()) or None,
         )
@@ -404,14 +404,22 @@ class WorkerRuntime:
         texts = {i: list(t) for i, t in plan.texts.items()}
         tokens = dict(plan.tokens)
         finish: dict[int, str] = dict(plan.finished)
+        # Rich jobs: each choice's whole message and its logprobs, for the result.
+        messages: dict[int, dict[str, Any]] = {}
+        logprobs: dict[int, dict[str, Any]] = {}
         try:
-            if plan.sampling.max_tokens > 0 and not plan.finished:
-                async for deltas in self.engine.generate(job_id, plan.prompt_token_ids, plan.sampling):
+            if plan.request.sampling.max_tokens > 0 and not plan.finished:
+                async for deltas in self.engine.generate(job_id, plan.request):
                     for d in deltas:
                         texts.setdefault(d.index, []).append(d.text)
                         tokens[d.index] = tokens.get(d.index, 0) + len(d.token_ids)
                         if d.finish_reason:
                             finish[d.index] = d.finish_reason
+                        if d.message is not None:
+                            messages[d.index] = d.message
+                            d.message = None  # the result's, not the stream's
+                        if d.logprobs:
+                            logprobs[d.index] = merge_logprobs(logprobs.get(d.index), d.logprobs)
                     self.publisher.delta(job_id, attempt, deltas)
             elif not plan.finished:
                 finish[0] = "length"
@@ -424,7 +432,7 @@ class WorkerRuntime:
             return await self._fail(record, attempt, exc)
         if job_id in self._lost:
             return None
-        return await self._complete(record, attempt, texts, tokens, finish)
+        return await self._complete(record, attempt, texts, tokens, finish, messages, logprobs)
 
     async def _fail(self, record: JobRecord, attempt: int, exc: Exception) -> dict[str, Any]:
         assert self.publisher is not None
@@ -461,18 +469,26 @@ class WorkerRuntime:
         texts: dict[int, list[str]],
         tokens: dict[int, int],
         finish: dict[int, str],
+        messages: dict[int, dict[str, Any]] | None = None,
+        logprobs: dict[int, dict[str, Any]] | None = None,
     ) -> dict[str, Any] | None:
         assert self.publisher is not None and record.request is not None
         job_id = record.id
         cancelled = job_id in self._cancelled
-        prompt = len(record.request.prompt_token_ids)
+        prompt = record.request.prompt_tokens
         completion = sum(tokens.values())
         usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
         status = JobStatus.cancelled if cancelled else JobStatus.completed
         result = JobResult(
             choices=[
-                ChoiceResult(index=i, text="".join(texts.get(i, [])), finish_reason=finish.get(i))
-                for i in range(record.request.sampling.n)
+                ChoiceResult(
+                    index=i,
+                    text="".join(texts.get(i, [])),
+                    finish_reason=finish.get(i),
+                    message=(messages or {}).get(i),
+                    logprobs=(logprobs or {}).get(i),
+                )
+                for i in range(record.request.choices)
             ]
         )
         fields = {
@@ -493,7 +509,7 @@ class WorkerRuntime:
             float(fields["finished"]),  # type: ignore[arg-type]
             prompt_tokens=prompt,
             completion_tokens=completion,
-            finish_reasons=[finish.get(i) for i in range(record.request.sampling.n)],
+            finish_reasons=[finish.get(i) for i in range(record.request.choices)],
             completion=[c.text for c in result.choices] if self.settings.log_prompts else None,
         )
         if not owned:
@@ -565,13 +581,14 @@ def _outcome_label(outcome: dict[str, Any] | None, given_back: bool) -> str:
 
 @dataclass
 class AttemptPlan:
-    """Where an attempt starts. A retry of a single-choice job continues the answer from
-    the tokens earlier attempts already sent (prompt + those tokens, fewer to go), so a
-    client sees the rest of the answer and nothing twice. Jobs with several choices
-    start over."""
+    """Where an attempt starts. A retry of a continuable job (one plain choice) continues
+    the answer from the tokens earlier attempts already sent (prompt + those tokens,
+    fewer to go), so a client sees the rest of the answer and nothing twice. Other jobs
+    (several choices; parser or grammar state: tools, structured output, reasoning,
+    logprobs) start over; a reader that already had some of the answer gets an error
+    instead of text mixed from two attempts (api.endpoints.chat)."""
 
-    prompt_token_ids: list[int]
-    sampling: SamplingSpec
+    request: JobRequest
     next_seq: int
     texts: dict[int, str] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
@@ -579,8 +596,8 @@ class AttemptPlan:
 
 
 def plan_attempt(request: JobRequest, previous: list[ChunkEvent]) -> AttemptPlan:
-    plan = AttemptPlan(list(request.prompt_token_ids), request.sampling.model_copy(), next_seq=len(previous))
-    if not previous or request.sampling.n != 1:
+    plan = AttemptPlan(request.model_copy(deep=True), next_seq=len(previous))
+    if not previous or not request.continuable:
         return plan
     sent: list[int] = []
     text: list[str] = []
@@ -590,9 +607,9 @@ def plan_attempt(request: JobRequest, previous: list[ChunkEvent]) -> AttemptPlan
             text.append(c.text)
             if c.finish_reason:
                 plan.finished[0] = c.finish_reason
-    plan.prompt_token_ids += sent
-    plan.sampling.max_tokens = request.sampling.max_tokens - len(sent)
-    plan.sampling.min_tokens = max(0, request.sampling.min_tokens - len(sent))
+    plan.request.prompt_token_ids += sent
+    plan.request.sampling.max_tokens = request.sampling.max_tokens - len(sent)
+    plan.request.sampling.min_tokens = max(0, request.sampling.min_tokens - len(sent))
     plan.texts = {0: "".join(text)}
     plan.tokens = {0: len(sent)}
     return plan

@@ -17,7 +17,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-from common.jobs import ChoiceDelta, SamplingSpec
+from common.jobs import ChoiceDelta, JobRequest
 from common.settings import Settings
 from worker.engine import EngineRequestError
 
@@ -89,10 +89,9 @@ class VllmEngine:
             raise RuntimeError(f"no tokenizer files found in {folder}")
         return files
 
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec
-    ) -> AsyncIterator[list[ChoiceDelta]]:
+    async def generate(self, request_id: str, request: JobRequest) -> AsyncIterator[list[ChoiceDelta]]:
         assert self.llm is not None, "engine not started"
+        sampling, prompt_token_ids = request.sampling, request.prompt_token_ids
         try:
             params = SamplingParams(
                 n=sampling.n,
