@@ -7,7 +7,7 @@ export API_PORT    ?= 8000
 export FLOWER_PORT ?= 5555
 export REDIS_PORT  ?= 6379
 
-.PHONY: setup model redis prometheus run test test-unit test-core chaos bench bench-batch lint typecheck clean
+.PHONY: setup model redis prometheus run test test-unit test-core chaos bench bench-batch bench-client lint typecheck clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ bench: setup model redis
 
 bench-batch: setup model redis
 	$(PY) bench/bench_batch.py
+
+# vLLM's own benchmark client (`vllm bench serve`, completions and openai-chat) against a
+# stack: a wire-format check and its throughput, e.g. `make bench-client BENCH_ARGS="--engine vllm"`.
+bench-client: setup model redis
+	$(PY) bench/bench_vllm_client.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check api worker common tests bench scripts

@@ -18,9 +18,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from api.templates import render_arguments
 from common import keys
 from common.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from common.jobs import ModelCard
+from common.schemas import ChatCompletionRequest
 from common.workers import live_workers
 
 log = logging.getLogger(__name__)
@@ -43,15 +45,28 @@ class ChatTokenizer:
 
     def __init__(self, folder: Path):
         self._tok = auto_tokenizer().from_pretrained(str(folder))
+        template = self._tok.chat_template
+        self.template: str = template if isinstance(template, str) else ""
+        # Token ids a request may name (logit_bias, stop_token_ids, token-id prompts).
+        self.vocab_size = len(self._tok)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, req: ChatCompletionRequest) -> list[int]:
+        """The prompt tokens of a chat request, rendered as `vllm serve` renders them
+        (api.templates)."""
+        conversation, kwargs = render_arguments(req, self.template)
         try:
-            text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self._tok.apply_chat_template(conversation, tokenize=False, **kwargs)
         except Exception as exc:  # jinja2 TemplateError and friends: the messages don't fit
             raise InvalidRequestError(
                 f"messages do not fit the model's chat template: {exc}", param="messages"
             ) from exc
-        return list(self._tok.encode(text, add_special_tokens=False))
+        return self.encode(text, add_special_tokens=req.add_special_tokens)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self._tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._tok.decode(ids))
 
 
 class ModelCatalog:

@@ -10,11 +10,16 @@ from api.auth import Principal, principal_of
 from api.batches.service import BatchService
 from api.catalog import ModelCatalog
 from api.endpoints.chat import ChatAdapter
+from api.endpoints.completions import CompletionAdapter
 from common.settings import Settings
 
 
 def _chat(request: Request) -> ChatAdapter:
     return request.app.state.chat  # type: ignore[no-any-return]
+
+
+def _completions(request: Request) -> CompletionAdapter:
+    return request.app.state.completions  # type: ignore[no-any-return]
 
 
 def _catalog(request: Request) -> ModelCatalog:
@@ -30,6 +35,7 @@ def _batches(request: Request) -> BatchService:
 
 
 ChatDep = Annotated[ChatAdapter, Depends(_chat)]
+CompletionsDep = Annotated[CompletionAdapter, Depends(_completions)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 BatchesDep = Annotated[BatchService, Depends(_batches)]

@@ -33,18 +33,29 @@ def error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers or None)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"})
+
+
+def _union_tag(part: object) -> bool:
+    """A step of an error's location naming a union member (`literal['a','b']`,
+    `NamedToolChoice`, `str`, `list[int]`), not a field: the parameter is the field."""
+    if not isinstance(part, str):
+        return False
+    return part in _TYPE_TAGS or "[" in part or part[:1].isupper()
+
+
 def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     errors = exc.errors()
     if not errors:
         return InvalidRequestError("invalid request")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p)]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return InvalidRequestError("the request body is not valid JSON")
-    if first.get("type") == "lone_surrogate":
-        # Raised for the whole request; the field is in the error's context.
+    if first.get("type") in ("lone_surrogate", "invalid_param"):
+        # Raised for a whole object (the request, a message); the field is in the error's context.
         param = ".".join(p for p in [*loc, str((first.get("ctx") or {}).get("param", ""))] if p) or None
     param = _encodable(param)
     if first.get("type") == "missing":

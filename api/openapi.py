@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 from api.auth import PUBLIC_PATHS
-from common.schemas import ChatCompletionChunk
+from common.schemas import ChatCompletionChunk, CompletionChunk
 from common.settings import Settings
 
 SECURITY_SCHEME = "bearerAuth"
@@ -71,34 +71,42 @@ RATE_LIMIT_HEADERS = {
         "When the window resets, e.g. `17s`.", {"type": "string", "pattern": "^[0-9]+s$"}, required=False
     ),
 }
-# One event of an SSE stream (OpenAPI 3.1: a text/event-stream `schema` describes each
-# event): `data` is a `chat.completion.chunk`, an error object, or the final `[DONE]`.
-SSE_EVENT: dict[str, Any] = {
-    "schema": {
-        "type": "object",
-        "required": ["data"],
-        "properties": {
-            "event": {"type": "string"},
-            "id": {"type": "string", "description": "The event's sequence number: resume after it."},
-            "retry": {"type": "integer"},
-            "data": {
-                "type": "string",
-                "anyOf": [
-                    {"const": "[DONE]"},
-                    {
-                        "contentMediaType": "application/json",
-                        "contentSchema": {
-                            "anyOf": [
-                                {"$ref": "#/components/schemas/ChatCompletionChunk"},
-                                {"$ref": "#/components/schemas/ErrorResponse"},
-                            ]
+
+
+def sse_event(chunk: str) -> dict[str, Any]:
+    """One event of an SSE stream (OpenAPI 3.1: a text/event-stream `schema` describes each
+    event): `data` is a chunk (the `chunk` component), an error object, or the final
+    `[DONE]`. Streams of a create request have `data` lines only; a resumed stream's
+    events have their sequence number as `id` too."""
+    return {
+        "schema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "event": {"type": "string"},
+                "id": {"type": "string", "description": "The event's sequence number: resume after it."},
+                "retry": {"type": "integer"},
+                "data": {
+                    "type": "string",
+                    "anyOf": [
+                        {"const": "[DONE]"},
+                        {
+                            "contentMediaType": "application/json",
+                            "contentSchema": {
+                                "anyOf": [
+                                    {"$ref": f"#/components/schemas/{chunk}"},
+                                    {"$ref": "#/components/schemas/ErrorResponse"},
+                                ]
+                            },
                         },
-                    },
-                ],
+                    ],
+                },
             },
-        },
+        }
     }
-}
+
+
+SSE_EVENT = sse_event("ChatCompletionChunk")
 REQUEST_ID = _header("The job's id (`chatcmpl-...`).", {"type": "string"}, required=False)
 WWW_AUTHENTICATE = _header("`Bearer realm=...`", {"type": "string"})
 
@@ -171,7 +179,7 @@ def _drop_unreferenced(doc: dict[str, Any], names: tuple[str, ...]) -> None:
 
 def _configured_limits(props: dict[str, Any], settings: Settings) -> None:
     """The chat request limits that are settings (`ChatAdapter`, `api.limits`)."""
-    props["n"]["maximum"] = settings.max_n
+    _cap(props["n"], "maximum", settings.max_n)
     props["messages"]["maxItems"] = settings.max_messages
     for name in ("max_tokens", "max_completion_tokens"):
         # n × max_tokens is capped too; for n = 1 that caps max_tokens itself.
@@ -180,6 +188,21 @@ def _configured_limits(props: dict[str, Any], settings: Settings) -> None:
                 branch["maximum"] = min(
                     branch.get("maximum", settings.max_total_completion_tokens), settings.max_total_completion_tokens
                 )
+
+
+def _configured_completion_limits(props: dict[str, Any], settings: Settings) -> None:
+    """The completion request limits that are settings (`CompletionAdapter._limits`)."""
+    _cap(props["n"], "maximum", settings.max_n)
+    for branch in props["prompt"].get("anyOf", []):
+        if branch.get("type") == "array" and branch.get("items", {}).get("type") in ("string", "array"):
+            branch["maxItems"] = settings.max_messages
+    _cap(props["max_tokens"], "maximum", settings.max_total_completion_tokens)
+
+
+def _cap(prop: dict[str, Any], key: str, value: int) -> None:
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "integer":
+            branch[key] = min(branch.get(key, value), value)
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -209,15 +232,20 @@ def fix_document(doc: dict[str, Any], settings: Settings | None = None) -> dict[
     """Apply the API-wide facts (and the configured limits) to a generated document (in
     place, and returned)."""
     components = doc.setdefault("components", {})
-    request = components.get("schemas", {}).get("ChatCompletionRequest")
+    schemas = components.get("schemas", {})
+    request = schemas.get("ChatCompletionRequest")
     if settings is not None and request is not None:
         _configured_limits(request["properties"], settings)
+    completion = schemas.get("CompletionRequest")
+    if settings is not None and completion is not None:
+        _configured_completion_limits(completion["properties"], settings)
     components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
         "type": "http",
         "scheme": "bearer",
         "description": "An API key: `Authorization: Bearer <key>` (API_KEYS, ADMIN_API_KEYS).",
     }
-    _component(doc, ChatCompletionChunk)  # the events of every SSE stream (see SSE_EVENT)
+    _component(doc, ChatCompletionChunk)  # the events of every SSE stream (see sse_event)
+    _component(doc, CompletionChunk)
     _component(doc, ErrorResponse)
     for path, item in doc.get("paths", {}).items():
         for method, op in item.items():

@@ -99,7 +99,7 @@ def run_stack_batch(lines: int, tokens: int, engine: str, slots: int, logs: Path
 async def run_direct(lines: int, tokens: int, concurrency: int) -> dict[str, float]:
     from transformers import AutoTokenizer
 
-    from common.jobs import SamplingSpec
+    from common.jobs import JobRequest, SamplingSpec
     from common.settings import get_settings
     from worker.engine import build_engine
 
@@ -120,7 +120,9 @@ async def run_direct(lines: int, tokens: int, concurrency: int) -> dict[str, flo
     async def worker() -> None:
         while todo:
             i = todo.pop()
-            async for _ in engine.generate(f"direct-{i}", prompts[i % len(prompts)], spec):
+            async for _ in engine.generate(
+                f"direct-{i}", JobRequest(prompt_token_ids=prompts[i % len(prompts)], sampling=spec)
+            ):
                 pass
 
     try:

@@ -71,7 +71,7 @@ async def closed_loop(streams: int, rounds: int, one) -> tuple[int, float, list[
 async def run_direct(levels: list[int], tokens: int, rounds: int) -> list[LevelResult]:
     from transformers import AutoTokenizer
 
-    from common.jobs import SamplingSpec
+    from common.jobs import JobRequest, SamplingSpec
     from common.settings import get_settings
     from worker.engine import build_engine
 
@@ -90,7 +90,7 @@ async def run_direct(levels: list[int], tokens: int, rounds: int) -> list[LevelR
         t0 = time.perf_counter()
         ttft = None
         n = 0
-        async for deltas in engine.generate(f"bench-{counter}", ids, spec):
+        async for deltas in engine.generate(f"bench-{counter}", JobRequest(prompt_token_ids=ids, sampling=spec)):
             for d in deltas:
                 n += len(d.token_ids)
                 if ttft is None and d.text:

@@ -32,19 +32,21 @@ class JobStatus(enum.StrEnum):
 
 
 class SamplingSpec(BaseModel):
-    """Engine-neutral sampling parameters; the engine adapter maps them to its own."""
+    """Engine-neutral sampling parameters; the engine adapter maps them to its own. The
+    knobs a client did not set stay None: the engine then applies the model's own
+    defaults (its generation config) and OpenAI's, as `vllm serve` does."""
 
     n: int = 1
     max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
 
@@ -116,6 +118,9 @@ class ChoiceResult(BaseModel):
     message: dict[str, Any] | None = None
     # The choice's logprobs in the API's wire shape (see ChoiceDelta.logprobs).
     logprobs: dict[str, Any] | None = None
+    # vLLM's extensions: what stopped it, and (completions) its prompt's logprobs.
+    stop_reason: str | int | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class JobResult(BaseModel):
@@ -196,6 +201,14 @@ class ChoiceDelta(BaseModel):
     # The last delta of a rich chat choice: its whole message (ChoiceResult.message).
     # The worker keeps it for the job's result; it is never published.
     message: dict[str, Any] | None = None
+    # vLLM's extension on a finished choice: the stop string (or token id) that ended it.
+    stop_reason: str | int | None = None
+    # Completions with echo (or prompt_logprobs): on a choice's first delta, its prompt's
+    # token ids (vLLM streams them with the echo) and its prompt logprobs (vLLM's shape: per
+    # prompt token None or {token id: {logprob, rank, decoded_token}}; the result's, never
+    # published, as `message`).
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
     def extend(self, more: ChoiceDelta) -> None:
         """Append a later delta of the same choice: text, tokens and logprobs follow on,
@@ -212,6 +225,12 @@ class ChoiceDelta(BaseModel):
             self.logprobs = merge_logprobs(self.logprobs, more.logprobs)
         if more.message is not None:
             self.message = more.message
+        if more.stop_reason is not None:
+            self.stop_reason = more.stop_reason
+        if more.prompt_token_ids is not None and self.prompt_token_ids is None:
+            self.prompt_token_ids = more.prompt_token_ids
+        if more.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = more.prompt_logprobs
 
 
 def merge_tool_call_deltas(into: list[dict[str, Any]], more: list[dict[str, Any]]) -> list[dict[str, Any]]:

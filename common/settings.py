@@ -92,6 +92,23 @@ class Settings(BaseSettings):
     # How many jobs one worker keeps in its engine at once (Celery thread slots).
     worker_slots: int = Field(default=64, ge=1)
 
+    # OpenAI chat surface (issue 10), as `vllm serve`'s flags of the same names: the
+    # worker parses its model's output with vLLM's own parser classes and announces what
+    # it can do in its model card, so the API refuses what it cannot.
+    # A vLLM tool-call parser (`--tool-call-parser`, e.g. `hermes`); "": no tool calls
+    # (tool_choice other than `none` is refused). A name vLLM does not know stops the worker.
+    tool_call_parser: str = ""
+    # `--enable-auto-tool-choice`: tool_choice `auto` parses tool calls out of free text.
+    # None: on when a tool-call parser is set.
+    enable_auto_tool_choice: bool | None = None
+    # A vLLM reasoning parser (`--reasoning-parser`, e.g. `deepseek_r1`, `qwen3`); "":
+    # none (no `reasoning` in answers). A name vLLM does not know stops the worker.
+    reasoning_parser: str = ""
+    # `--chat-template`: a jinja file replacing the model's chat template. The worker
+    # publishes it with its tokenizer files (as chat_template.jinja), so the API renders
+    # prompts with it.
+    chat_template: str | None = None
+
     # Worker metrics (issue 9, worker/metrics.py): each worker serves Prometheus metrics
     # (its engine's `vllm:*` and its own `llmq_worker_*`) at http://host:port/metrics,
     # announced as `metrics_url` in its registration. Port 0: any free port. The address
@@ -221,6 +238,19 @@ class Settings(BaseSettings):
         config_path = os.environ.get("CONFIG_PATH", "").strip()
         yaml_source = [_yaml_source(settings_cls, Path(config_path))] if config_path else []
         return (init_settings, env_settings, *yaml_source, dotenv_settings, file_secret_settings)
+
+    @property
+    def auto_tool_choice(self) -> bool:
+        """ENABLE_AUTO_TOOL_CHOICE resolved: unset, on when a tool-call parser is set."""
+        if self.enable_auto_tool_choice is None:
+            return bool(self.tool_call_parser)
+        return self.enable_auto_tool_choice
+
+    @property
+    def served_tool_call_parser(self) -> str | None:
+        """The tool-call parser a worker actually uses: as `vllm serve`, vLLM loads it only
+        with auto tool choice on (without it, no tool_choice but `none` can be served)."""
+        return self.tool_call_parser if self.tool_call_parser and self.auto_tool_choice else None
 
     @property
     def model_dir(self) -> Path | None:

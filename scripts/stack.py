@@ -101,6 +101,9 @@ class Stack:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         # Workers serve their metrics on loopback here, like Flower and Redis (issue 9).
         env.setdefault("WORKER_METRICS_HOST", "127.0.0.1")
+        # Tool calls as `vllm serve --enable-auto-tool-choice --tool-call-parser hermes`
+        # answers them: the default model's chat format is ChatML, which hermes reads.
+        env.setdefault("TOOL_CALL_PARSER", "hermes")
         env.update(self.env)
         env["REDIS_URL"] = self.redis_url
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -147,6 +147,10 @@ class WorkerRuntime:
             max_model_len=self.engine.max_model_len,
             tokenizer_digest=digest.hexdigest()[:32],
             created=int(time.time()),
+            # What its engine's parsers can do (issue 10): the API refuses the rest.
+            tool_call_parser=self.settings.served_tool_call_parser,
+            auto_tool_choice=self.settings.served_tool_call_parser is not None,
+            reasoning_parser=self.settings.reasoning_parser or None,
         )
         self.store = JobStore(self.redis, self.settings.job_ttl_seconds, self.settings.queue_resend_seconds)
         self.publisher = ChunkPublisher(self.store, self.settings.model_name, on_lost=self._on_lost)
@@ -407,6 +411,8 @@ class WorkerRuntime:
         # Rich jobs: each choice's whole message and its logprobs, for the result.
         messages: dict[int, dict[str, Any]] = {}
         logprobs: dict[int, dict[str, Any]] = {}
+        # vLLM's extensions on the result: stop reasons, prompt logprobs (completions).
+        extras: dict[int, dict[str, Any]] = {}
         try:
             if plan.request.sampling.max_tokens > 0 and not plan.finished:
                 async for deltas in self.engine.generate(job_id, plan.request):
@@ -420,6 +426,11 @@ class WorkerRuntime:
                             d.message = None  # the result's, not the stream's
                         if d.logprobs:
                             logprobs[d.index] = merge_logprobs(logprobs.get(d.index), d.logprobs)
+                        if d.stop_reason is not None:
+                            extras.setdefault(d.index, {})["stop_reason"] = d.stop_reason
+                        if d.prompt_logprobs is not None:
+                            extras.setdefault(d.index, {})["prompt_logprobs"] = d.prompt_logprobs
+                            d.prompt_logprobs = None  # the result's, not the stream's
                     self.publisher.delta(job_id, attempt, deltas)
             elif not plan.finished:
                 finish[0] = "length"
@@ -432,7 +443,7 @@ class WorkerRuntime:
             return await self._fail(record, attempt, exc)
         if job_id in self._lost:
             return None
-        return await self._complete(record, attempt, texts, tokens, finish, messages, logprobs)
+        return await self._complete(record, attempt, texts, tokens, finish, messages, logprobs, extras)
 
     async def _fail(self, record: JobRecord, attempt: int, exc: Exception) -> dict[str, Any]:
         assert self.publisher is not None
@@ -471,6 +482,7 @@ class WorkerRuntime:
         finish: dict[int, str],
         messages: dict[int, dict[str, Any]] | None = None,
         logprobs: dict[int, dict[str, Any]] | None = None,
+        extras: dict[int, dict[str, Any]] | None = None,
     ) -> dict[str, Any] | None:
         assert self.publisher is not None and record.request is not None
         job_id = record.id
@@ -487,6 +499,7 @@ class WorkerRuntime:
                     finish_reason=finish.get(i),
                     message=(messages or {}).get(i),
                     logprobs=(logprobs or {}).get(i),
+                    **(extras or {}).get(i, {}),
                 )
                 for i in range(record.request.choices)
             ]

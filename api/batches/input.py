@@ -8,9 +8,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
+from common import keys
 from common.batches import BatchError
 
 ENDPOINT = "/v1/chat/completions"
+# The endpoints a batch may run; every line's url is its batch's endpoint.
+ENDPOINTS = (ENDPOINT, "/v1/completions")
 WINDOW_SECONDS = {"24h": 24 * 3600}
 
 
@@ -21,9 +24,16 @@ class InputLine(BaseModel):
     body: dict[str, Any]
 
 
-def scan_input(path: Path, max_lines: int, max_bytes: int) -> tuple[int, list[BatchError]]:
-    """Check a batch input file as a whole: size, JSONL, line shape, unique custom_ids.
-    Returns (line count, errors)."""
+def line_job_id(batch_id: str, endpoint: str, line: int) -> str:
+    """The job id of a batch's input line: `chatcmpl-...`, or `cmpl-...` in a batch of
+    `/v1/completions` (deterministic: re-dispatching is idempotent)."""
+    job_id = keys.batch_job_id(batch_id, line)
+    return "cmpl-" + job_id.removeprefix("chatcmpl-") if endpoint == "/v1/completions" else job_id
+
+
+def scan_input(path: Path, max_lines: int, max_bytes: int, endpoint: str = ENDPOINT) -> tuple[int, list[BatchError]]:
+    """Check a batch input file as a whole: size, JSONL, line shape (its url the batch's
+    endpoint), unique custom_ids. Returns (line count, errors)."""
     size = path.stat().st_size
     if size > max_bytes:
         return 0, [BatchError(code="file_too_large", message=f"the input file is {size} bytes; at most {max_bytes}")]
@@ -48,8 +58,12 @@ def scan_input(path: Path, max_lines: int, max_bytes: int) -> tuple[int, list[Ba
             else:
                 if line.method != "POST":
                     errors.append(BatchError(code="invalid_method", message="method must be POST", line=number))
-                if line.url != ENDPOINT:
-                    errors.append(BatchError(code="invalid_url", message=f"url must be {ENDPOINT}", line=number))
+                if line.url != endpoint:
+                    errors.append(
+                        BatchError(
+                            code="invalid_url", message=f"url must be {endpoint} (the batch's endpoint)", line=number
+                        )
+                    )
                 if line.custom_id in seen:
                     errors.append(
                         BatchError(

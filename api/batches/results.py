@@ -11,7 +11,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from api.batches.input import InputLine, iter_lines
+from api.batches.input import InputLine, iter_lines, line_job_id
 from api.endpoints.chat import completion_object
 from api.files import FileStore
 from common import keys
@@ -44,18 +44,18 @@ async def _write_chunk(
 ) -> tuple[int, int]:
     async with redis.pipeline(transaction=False) as pipe:
         for index, _ in chunk:
-            pipe.hgetall(keys.job(keys.batch_job_id(batch.id, index)))
+            pipe.hgetall(keys.job(line_job_id(batch.id, batch.endpoint, index)))
         raws = await pipe.execute()
     completed = failed = 0
     for (index, line), raw in zip(chunk, raws, strict=True):
-        request_id = keys.batch_job_id(batch.id, index)
+        request_id = line_job_id(batch.id, batch.endpoint, index)
         entry: dict[str, Any] = {
-            "id": f"batch_req_{request_id.removeprefix('chatcmpl-')}",
+            "id": f"batch_req_{request_id.removeprefix('chatcmpl-').removeprefix('cmpl-')}",
             "custom_id": line.custom_id,
         }
         record = JobRecord.from_redis(raw) if raw else None
         if record is not None and record.status == JobStatus.completed:
-            body = completion_object(record).model_dump()
+            body = completion_object(record)
             entry |= {"response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
             out_f.write(json.dumps(entry) + "\n")
             completed += 1

@@ -30,10 +30,12 @@ from pydantic import ValidationError
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
-from api.batches.input import InputLine, iter_lines, scan_input
+from api.batches.input import InputLine, iter_lines, line_job_id, scan_input
 from api.batches.records import read_batch, set_fields
 from api.batches.results import write_results
 from api.endpoints.chat import ChatAdapter
+from api.endpoints.completions import CompletionAdapter
+from api.errors import _union_tag
 from api.files import FileStore
 from api.jobs.pipeline import JobPipeline
 from common import keys
@@ -41,7 +43,7 @@ from common.batches import BatchErrors, BatchObject, BatchStatus
 from common.errors import InvalidRequestError, ServiceError
 from common.jobs import JobRecord, JobStatus
 from common.logs import job_fields, log_event
-from common.schemas import ChatCompletionRequest
+from common.schemas import ChatCompletionRequest, CompletionRequest
 from common.settings import Settings
 from common.workers import live_workers
 
@@ -58,6 +60,16 @@ if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('SADD', KEYS[1], ARGV[2])
 return 1
 """
+
+
+def _validation_error(exc: ValidationError) -> InvalidRequestError:
+    """A line's invalid body as the 400 the endpoint would answer (`param` named as there)."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ()) if not _union_tag(p))
+    extra = (first.get("ctx") or {}).get("param")
+    if isinstance(extra, str) and extra:
+        param = ".".join(p for p in (param, extra) if p)
+    return InvalidRequestError(str(first["msg"]), param=param or None)
 
 
 class _Lines:
@@ -83,11 +95,13 @@ class BatchRunner:
         files: FileStore,
         chat: ChatAdapter,
         pipeline: JobPipeline,
+        completions: CompletionAdapter | None = None,
     ):
         self.settings = settings
         self.redis = redis
         self.files = files
         self.chat = chat
+        self.completions = completions
         self.pipeline = pipeline
         self.owner = uuid.uuid4().hex
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -187,7 +201,7 @@ class BatchRunner:
         path = self.files.path(batch.input_file_id)
         if batch.status == BatchStatus.validating:
             total, errors = await asyncio.to_thread(
-                scan_input, path, self.settings.batch_max_lines, self.settings.batch_max_bytes
+                scan_input, path, self.settings.batch_max_lines, self.settings.batch_max_bytes, batch.endpoint
             )
             if errors:
                 await set_fields(
@@ -230,7 +244,7 @@ class BatchRunner:
                 batch.expires_at is not None and time.time() > batch.expires_at
             )
             if stopping:
-                await self._stop_lines(batch_id, counters)
+                await self._stop_lines(batch, counters)
                 if ended >= counters["dispatched"]:
                     final = BatchStatus.cancelled if batch.status == BatchStatus.cancelling else BatchStatus.expired
                     await self._finalize(batch_id, final)
@@ -283,16 +297,16 @@ class BatchRunner:
     async def _prepare(self, batch: BatchObject, index: int, line: InputLine) -> JobRecord | None:
         """The line's job record, or None when the line is invalid (then recorded as a
         failed line at once)."""
-        job_id = keys.batch_job_id(batch.id, index)
+        job_id = line_job_id(batch.id, batch.endpoint, index)
         try:
-            req = ChatCompletionRequest.model_validate({**line.body, "stream": False})
-            record = await self.chat.prepare(req, job_id=job_id)
+            if batch.endpoint == "/v1/completions" and self.completions is not None:
+                completion = CompletionRequest.model_validate({**line.body, "stream": False})
+                record = await self.completions.prepare(completion, job_id=job_id)
+            else:
+                chat = ChatCompletionRequest.model_validate({**line.body, "stream": False})
+                record = await self.chat.prepare(chat, job_id=job_id)
         except (ValidationError, ServiceError) as exc:
-            error = (
-                InvalidRequestError(str(exc.errors()[0]["msg"]), param=".".join(map(str, exc.errors()[0]["loc"])))
-                if isinstance(exc, ValidationError)
-                else exc
-            )
+            error = _validation_error(exc) if isinstance(exc, ValidationError) else exc
             failed = JobRecord(id=job_id, model=str(line.body.get("model", "")), status=JobStatus.failed)
             failed.error = error.to_dict()["error"] | {"status_code": error.status_code}
             failed.finished = time.time()
@@ -338,10 +352,10 @@ class BatchRunner:
         # A high-water mark (set, not incremented): writing it twice is harmless.
         await self.redis.hset(keys.batch(batch_id), "n_dispatched", index + 1)
 
-    async def _stop_lines(self, batch_id: str, counters: dict[str, int]) -> None:
+    async def _stop_lines(self, batch: BatchObject, counters: dict[str, int]) -> None:
         """Cancel the lines handed out that have not ended; the rest are never handed out."""
         for index in range(counters["dispatched"]):
-            await self.pipeline.cancel(keys.batch_job_id(batch_id, index), quiet=True, source="batch")
+            await self.pipeline.cancel(line_job_id(batch.id, batch.endpoint, index), quiet=True, source="batch")
 
     async def _finalize(self, batch_id: str, final: BatchStatus) -> None:
         """Write the output and error files and end the batch. Safe to repeat after a

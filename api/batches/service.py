@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
 from api.auth import Principal
-from api.batches.input import ENDPOINT, WINDOW_SECONDS
+from api.batches.input import ENDPOINTS, WINDOW_SECONDS
 from api.batches.records import read_batch, set_fields
 from api.batches.runner import BatchRunner
 from api.files import FileStore
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class BatchCreate(BaseModel):
     # The documented schema says what `BatchService.create` accepts (its checks stay there).
     input_file_id: str
-    endpoint: str = Field(json_schema_extra={"enum": [ENDPOINT]})
+    endpoint: str = Field(json_schema_extra={"enum": list(ENDPOINTS)})
     completion_window: str = Field(json_schema_extra={"enum": [w for w in sorted(WINDOW_SECONDS)]})
     metadata: dict[str, str] | None = Field(default=None, json_schema_extra={"maxProperties": 16})
 
@@ -46,8 +46,8 @@ class BatchService:
         self.runner = runner
 
     async def create(self, body: BatchCreate, caller: Principal) -> BatchObject:
-        if body.endpoint != ENDPOINT:
-            raise InvalidRequestError(f"endpoint must be {ENDPOINT}", param="endpoint")
+        if body.endpoint not in ENDPOINTS:
+            raise InvalidRequestError(f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
         if body.completion_window not in WINDOW_SECONDS:
             raise InvalidRequestError("completion_window must be 24h", param="completion_window")
         if body.metadata is not None and len(body.metadata) > 16:

@@ -1,8 +1,9 @@
-"""ChatAdapter: `/v1/chat/completions` on the job pipeline. It turns a chat request into
-a job record (template, prompt tokens, sampling, limits: every client error is raised
-before anything is queued), and a job's events into OpenAI responses: a
-`chat.completion`, a stream of `chat.completion.chunk`s (live or resumed from any
-point), or the job's state.
+"""JobAdapter: an OpenAI endpoint on the job pipeline; ChatAdapter: `/v1/chat/completions`
+(`api.endpoints.completions`: `/v1/completions`). A request becomes a job record
+(template, prompt tokens, sampling, the worker's OutputSpec, limits: every client error
+is raised before anything is queued), and a job's events become OpenAI responses: a
+`chat.completion` (`text_completion`), a stream of chunks (live or resumed from any
+point; `data:` lines only, each chunk carrying its event's `seq`), or the job's state.
 """
 
 from __future__ import annotations
@@ -32,16 +33,21 @@ from common.errors import (
     ServiceError,
     ServiceUnavailableError,
 )
-from common.jobs import JobOptions, JobRecord, JobRequest, JobStatus, SamplingSpec, new_job_id
-from common.logs import log_event
-from common.schemas import (
-    ChatCompletion,
-    ChatCompletionJob,
-    ChatCompletionMessage,
-    ChatCompletionRequest,
-    Choice,
-    Usage,
+from common.jobs import (
+    ChoiceDelta,
+    ChoiceResult,
+    ChunkEvent,
+    JobOptions,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    ModelCard,
+    OutputSpec,
+    SamplingSpec,
+    new_job_id,
 )
+from common.logs import log_event
+from common.schemas import ChatCompletionRequest, CompletionRequest, NamedToolChoice, Usage
 from common.settings import Settings
 
 DONE = "[DONE]"
@@ -55,12 +61,30 @@ class JobView:
     id: str
     model: str
     created: int
+    # How many choices the answer has (n × prompts).
     n: int
     include_usage: bool
     background: bool
+    kind: str = "chat"  # or "completion"
+    # A new attempt continues the answer (else a stream that showed some of it must end).
+    continuable: bool = True
 
 
-def sampling_from_request(req: ChatCompletionRequest, max_tokens: int) -> SamplingSpec:
+def view_of(record: JobRecord, kind: str) -> JobView:
+    request = record.request
+    return JobView(
+        record.id,
+        record.model,
+        int(record.created),
+        request.choices if request else 1,
+        record.options.include_usage,
+        record.options.background,
+        kind=kind,
+        continuable=request.continuable if request else True,
+    )
+
+
+def sampling_from_request(req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingSpec:
     spec = SamplingSpec(
         n=req.n, max_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens
     )
@@ -84,113 +108,216 @@ def sampling_from_request(req: ChatCompletionRequest, max_tokens: int) -> Sampli
     return spec
 
 
-def resolve_max_tokens(req: ChatCompletionRequest, prompt_tokens: int, max_model_len: int) -> int:
+def resolve_max_tokens(
+    req: ChatCompletionRequest | CompletionRequest, prompt_tokens: int, max_model_len: int, param: str = "messages"
+) -> int:
     room = max_model_len - prompt_tokens
+    what = "messages" if param == "messages" else "prompt"
     if room <= 0:
         raise ContextLengthError(
-            f"This model's maximum context length is {max_model_len} tokens. However, your messages "
-            f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
-            param="messages",
+            f"This model's maximum context length is {max_model_len} tokens. However, your {what} "
+            f"resulted in {prompt_tokens} tokens. Please reduce the length of the {what}.",
+            param=param,
         )
     wanted = req.requested_max_tokens
     if wanted is None:
         return room
     if wanted > room:
-        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
         raise ContextLengthError(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the messages, {wanted} in the "
-            f"completion). Please reduce the length of the messages or completion.",
+            f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the {what}, {wanted} in the "
+            f"completion). Please reduce the length of the {what} or completion.",
             param=param,
         )
     return wanted
 
 
-def chunk_json(job: JobView, choices: list[dict[str, Any]], usage: Usage | None = None, attempt: int = 1) -> str:
+def check_token_ids(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:
+    """Token ids a request names must be in the model's vocabulary (as vLLM checks them)."""
+    for key in req.logit_bias or {}:
+        if int(key) >= vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias: token id {key} is out of vocabulary (the model has {vocab_size} tokens)",
+                param="logit_bias",
+            )
+    for token in req.stop_token_ids or []:
+        if token >= vocab_size:
+            raise InvalidRequestError(
+                f"stop_token_ids: token id {token} is out of vocabulary (the model has {vocab_size} tokens)",
+                param="stop_token_ids",
+            )
+
+
+def check_tool_support(req: ChatCompletionRequest, card: ModelCard) -> None:
+    """What the model's workers can parse (vLLM's renderer checks, with llmq's settings)."""
+    choice = req.tool_choice
+    if not req.tools or choice is None or choice == "none" or card.tool_call_parser:
+        return
+    if choice == "auto":
+        if not card.auto_tool_choice:
+            raise InvalidRequestError(
+                '"auto" tool choice requires ENABLE_AUTO_TOOL_CHOICE and TOOL_CALL_PARSER to be set on the '
+                f"workers of model '{card.name}' (vLLM's --enable-auto-tool-choice and --tool-call-parser)",
+                param="tool_choice",
+            )
+        return
+    desc = f'function "{choice.function.name}"' if isinstance(choice, NamedToolChoice) else f'"{choice}"'
+    raise InvalidRequestError(
+        f"tool_choice={desc} requires TOOL_CALL_PARSER to be set on the workers of model '{card.name}' "
+        "(vLLM's --tool-call-parser)",
+        param="tool_choice",
+    )
+
+
+# -- rendering: job events and results as OpenAI's JSON ---------------------------------
+
+
+def _dumps(body: dict[str, Any]) -> str:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def chunk_json(
+    job: JobView,
+    choices: list[dict[str, Any]],
+    usage: Usage | None = None,
+    attempt: int = 1,
+    seq: int | None = None,
+) -> str:
     body: dict[str, Any] = {
         "id": job.id,
-        "object": "chat.completion.chunk",
+        "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
         "created": job.created,
         "model": job.model,
         "choices": choices,
         "usage": usage.model_dump() if usage is not None else None,
     }
+    if seq is not None:
+        body["seq"] = seq  # the job event's sequence number: resume after it
     if attempt > 1:
         body["attempt"] = attempt  # the worker was lost; a new attempt continues the answer
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return _dumps(body)
 
 
-def _choices(record: JobRecord) -> list[Choice]:
+def delta_choice(job: JobView, c: ChoiceDelta) -> dict[str, Any] | None:
+    """A job's choice delta as a streamed choice (None: nothing to send)."""
+    if job.kind != "chat":
+        if not (c.text or c.finish_reason or c.logprobs):
+            return None
+        out = {"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+        if c.prompt_token_ids is not None:
+            out["prompt_token_ids"] = c.prompt_token_ids  # vLLM sends them with the echo
+        return _with_stop_reason(out, c)
+    delta: dict[str, Any] = {}
+    if c.reasoning:
+        delta["reasoning"] = c.reasoning  # vLLM 0.32's name
+        delta["reasoning_content"] = c.reasoning  # the name most clients read
+    if c.text:
+        delta["content"] = c.text
+    if c.tool_calls:
+        delta["tool_calls"] = c.tool_calls
+    if not (delta or c.finish_reason or c.logprobs):
+        return None
+    return _with_stop_reason(
+        {"index": c.index, "delta": delta, "logprobs": c.logprobs, "finish_reason": c.finish_reason}, c
+    )
+
+
+def _with_stop_reason(choice: dict[str, Any], c: ChoiceDelta | ChoiceResult) -> dict[str, Any]:
+    """vLLM's extension on a finished choice: the stop string (or token id) that ended it."""
+    if c.finish_reason is not None:
+        choice["stop_reason"] = c.stop_reason
+    return choice
+
+
+def _message(c: ChoiceResult) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "assistant"}
+    if c.message is None:
+        out["content"] = c.text
+        out["reasoning"] = out["reasoning_content"] = None
+        return out
+    out["content"] = c.message.get("content")
+    reasoning = c.message.get("reasoning")
+    out["reasoning"] = out["reasoning_content"] = reasoning
+    if c.message.get("tool_calls"):
+        out["tool_calls"] = c.message["tool_calls"]
+    return out
+
+
+def result_choices(record: JobRecord, kind: str) -> list[dict[str, Any]]:
     if record.result is None:
         return []
-    return [
-        Choice(
-            index=c.index,
-            message=ChatCompletionMessage(content=c.text),
-            finish_reason=c.finish_reason,  # type: ignore[arg-type]
-        )
-        for c in record.result.choices
-    ]
+    out = []
+    for c in record.result.choices:
+        if kind == "chat":
+            finish = (c.message or {}).get("finish_reason") or c.finish_reason
+            if c.finish_reason in ("cancelled", "error"):
+                finish = c.finish_reason
+            choice = {"index": c.index, "message": _message(c), "logprobs": c.logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            if c.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = c.prompt_logprobs  # vLLM's extension (echo, prompt_logprobs)
+        out.append(_with_stop_reason(choice, c))
+    return out
 
 
-def job_object(record: JobRecord) -> ChatCompletionJob:
-    """A job as `GET /v1/chat/completions/{id}` shows it."""
-    return ChatCompletionJob(
-        id=record.id,
-        created=int(record.created),
-        model=record.model,
-        status=record.status.value,  # type: ignore[arg-type]
-        background=record.options.background,
-        attempt=record.attempt,
-        started_at=int(record.started) if record.started else None,
-        finished_at=int(record.finished) if record.finished else None,
-        choices=_choices(record),
-        usage=record.usage,
-        error=record.error,
-    )
+def kind_of(record: JobRecord) -> str:
+    output = record.request.output if record.request else None
+    if output is not None:
+        return output.api
+    return "completion" if record.id.startswith("cmpl-") else "chat"
 
 
-def completion_object(record: JobRecord) -> ChatCompletion:
-    """An ended job as a plain `chat.completion`."""
+def job_object(record: JobRecord, kind: str | None = None) -> dict[str, Any]:
+    """A job as `GET /v1/chat/completions/{id}` (or `/v1/completions/{id}`) shows it."""
+    kind = kind or kind_of(record)
+    return {
+        "id": record.id,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(record.created),
+        "model": record.model,
+        "status": record.status.value,
+        "background": record.options.background,
+        "attempt": record.attempt,
+        "started_at": int(record.started) if record.started else None,
+        "finished_at": int(record.finished) if record.finished else None,
+        "choices": result_choices(record, kind),
+        "usage": record.usage.model_dump() if record.usage else None,
+        "error": record.error,
+    }
+
+
+def completion_object(record: JobRecord, kind: str | None = None) -> dict[str, Any]:
+    """An ended job as a plain `chat.completion` (or `text_completion`)."""
+    kind = kind or kind_of(record)
     usage = record.usage or Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-    return ChatCompletion(
-        id=record.id, created=int(record.created), model=record.model, choices=_choices(record), usage=usage
-    )
+    return {
+        "id": record.id,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(record.created),
+        "model": record.model,
+        "choices": result_choices(record, kind),
+        "usage": usage.model_dump(),
+        "system_fingerprint": None,
+    }
 
 
-class ChatAdapter:
+class JobAdapter:
+    """An OpenAI endpoint on the job pipeline: reading, streaming, cancelling its jobs.
+    `kind` names the wire format ("chat" or "completion")."""
+
+    kind = "chat"
+    noun = "chat completion"
+    path = "/v1/chat/completions"
+
     def __init__(self, settings: Settings, pipeline: JobPipeline, catalog: ModelCatalog):
         self.settings = settings
         self.pipeline = pipeline
         self.catalog = catalog
 
-    # -- creating ---------------------------------------------------------------------
-
-    async def prepare(self, req: ChatCompletionRequest, job_id: str | None = None, owner: str = "") -> JobRecord:
-        """Validate a request and turn it into a job record (not yet stored). Every client
-        error is raised here."""
-        if req.n > self.settings.max_n:
-            raise InvalidRequestError(f"n must be at most {self.settings.max_n}", param="n")
-        # Messages, their text and n × max_tokens, before anything is tokenized.
-        choice_max_tokens = check_chat_limits(req, self.settings)
-        try:
-            card, tokenizer = await self.catalog.get(req.model)
-        except RedisError as exc:
-            raise ServiceUnavailableError("cannot reach Redis") from exc
-        messages = [m.for_template() for m in req.messages]
-        prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
-        max_tokens = min(resolve_max_tokens(req, len(prompt_ids), card.max_model_len), choice_max_tokens)
-        sampling = sampling_from_request(req, max_tokens)
-        return JobRecord(
-            id=job_id or new_job_id(),
-            model=req.model,
-            owner=owner,
-            request=JobRequest(prompt_token_ids=prompt_ids, sampling=sampling),
-            options=JobOptions(stream=req.stream, include_usage=req.include_usage, background=req.background),
-        )
-
-    async def submit(
-        self, req: ChatCompletionRequest, caller: Principal
+    async def _submit(
+        self, req: ChatCompletionRequest | CompletionRequest, caller: Principal, log_prompt: dict[str, Any] | None
     ) -> tuple[JobView, Subscription | None, dict[str, str]]:
         """Count, validate, admit, record and queue a request: its view, its channel's
         subscription (unless it runs in the background without a stream) and the
@@ -198,10 +325,10 @@ class ChatAdapter:
         try:
             headers = await self.pipeline.admission.count_request(caller)
             await self.pipeline.look(req.model, headers)
-            record = await self.prepare(req, owner=caller.key_id)
-            view = JobView(record.id, req.model, int(record.created), req.n, req.include_usage, req.background)
+            record = await self.prepare(req, owner=caller.key_id)  # type: ignore[arg-type]
+            view = view_of(record, self.kind)
             # Logs (issue 9): the prompt goes in `job.created` only with LOG_PROMPTS=true.
-            prompt = {"messages": [m.for_template() for m in req.messages]} if self.settings.log_prompts else None
+            prompt = log_prompt if self.settings.log_prompts else None
             subscription = await self.pipeline.submit(
                 record, follow=req.stream or not req.background, headers=headers, log_fields=prompt
             )
@@ -220,17 +347,29 @@ class ChatAdapter:
             raise
         return view, subscription, headers
 
+    async def prepare(self, req: Any, job_id: str | None = None, owner: str = "") -> JobRecord:
+        raise NotImplementedError
+
     # -- reading ----------------------------------------------------------------------
 
+    def not_found(self, job_id: str) -> JobNotFoundError:
+        return JobNotFoundError(f"No {self.noun} job found with id '{job_id}'.", param="completion_id")
+
     async def view(self, job_id: str, caller: Principal) -> tuple[JobView, JobRecord]:
-        """The job, if `caller` may see it (another key's job does not exist for it)."""
+        """The job, if `caller` may see it (another key's job, or a job of the other
+        endpoint, does not exist for it)."""
         record = await self.pipeline.get(job_id)
-        if record is None or not caller.owns(record.owner):
-            raise JobNotFoundError(f"No chat completion job found with id '{job_id}'.", param="completion_id")
-        n = record.request.sampling.n if record.request else 1
-        return JobView(
-            record.id, record.model, int(record.created), n, record.options.include_usage, record.options.background
-        ), record
+        if record is None or not caller.owns(record.owner) or kind_of(record) != self.kind:
+            raise self.not_found(job_id)
+        return view_of(record, self.kind), record
+
+    async def _attempt_at(self, job_id: str, seq: int) -> int | None:
+        """The attempt of the job's event `seq` (None: not in its log)."""
+        try:
+            raw = await self.pipeline.redis.lindex(keys.job_log(job_id), seq)
+        except (RedisError, AttributeError):
+            return None
+        return ChunkEvent.decode(raw).attempt if raw is not None else None
 
     async def stream(
         self,
@@ -240,68 +379,71 @@ class ChatAdapter:
         cancel_on_disconnect: bool = False,
         shutdown: anyio.Event | None = None,
         timer: RequestTimer | None = None,
+        with_ids: bool = False,
     ) -> AsyncIterator[dict[str, str]]:
-        """SSE events (`data`, `id`) ending with `[DONE]`. Each event's `id` is the job
-        event's seq, so `Last-Event-ID` resumes exactly after it. Leaving an ordinary
-        stream cancels its job; a server shutting down (`shutdown` set) does not: the
-        client resumes on another API process. `timer`: the request that created the job
-        (not a resumed stream) times what its client sees (api.metrics)."""
+        """SSE events ending with `[DONE]`: `data` lines only, as OpenAI and vLLM send
+        them, each chunk carrying its job event's `seq` (a resume cursor); with
+        `with_ids` (the resume endpoint) each event also has it as its SSE `id`, so
+        `Last-Event-ID` resumes exactly after it. Leaving an ordinary stream cancels its
+        job; a server shutting down (`shutdown` set) does not: the client resumes on
+        another API process. `timer`: the request that created the job (not a resumed
+        stream) times what its client sees (api.metrics)."""
+
+        def event(data: str, seq: int | None = None) -> dict[str, str]:
+            return {"data": data, "id": str(seq)} if with_ids and seq is not None else {"data": data}
+
         finished = False
         try:
-            if after < 0:
+            if after < 0 and job.kind == "chat":
                 role = {"role": "assistant", "content": ""}
-                yield {
-                    "data": chunk_json(
+                yield event(
+                    chunk_json(
                         job,
                         [{"index": i, "delta": role, "logprobs": None, "finish_reason": None} for i in range(job.n)],
                     )
-                }
-            sent_content_in: int | None = None  # the attempt whose text the client has
+                )
+            # The attempt whose output the client has (a resumed client: that of its cursor).
+            sent_in: int | None = None
+            if after >= 0 and not job.continuable:
+                sent_in = await self._attempt_at(job.id, after)
             try:
-                async for event in self.pipeline.follow(job.id, after, subscription):
-                    if event.kind == "delta":
-                        if job.n > 1 and sent_content_in is not None and event.attempt != sent_content_in:
+                async for ev in self.pipeline.follow(job.id, after, subscription):
+                    if ev.kind == "delta":
+                        if not job.continuable and sent_in is not None and ev.attempt != sent_in:
                             raise StreamClosed(
-                                "the worker running this job was lost and the job restarted; its stream cannot "
-                                f"continue without repeating text. Fetch the result: GET /v1/chat/completions/{job.id}",
+                                "the worker running this job was lost and the job started over; its stream cannot "
+                                "continue without repeating or mixing output (several choices, or tool calls, "
+                                "structured output, reasoning or logprobs). Fetch the result: "
+                                f"GET {self.path}/{job.id}",
                                 code="worker_lost",
                             )
-                        choices = [
-                            {
-                                "index": c.index,
-                                "delta": {"content": c.text} if c.text else {},
-                                "logprobs": None,
-                                "finish_reason": c.finish_reason,
-                            }
-                            for c in event.choices
-                            if c.text or c.finish_reason
-                        ]
+                        choices = [d for d in (delta_choice(job, c) for c in ev.choices) if d is not None]
                         if choices:
-                            sent_content_in = event.attempt
-                            yield {"data": chunk_json(job, choices, attempt=event.attempt), "id": str(event.seq)}
-                            if timer is not None and any(c.text for c in event.choices):
+                            sent_in = ev.attempt
+                            yield event(chunk_json(job, choices, attempt=ev.attempt, seq=ev.seq), ev.seq)
+                            if timer is not None and any(c.text or c.tool_calls or c.reasoning for c in ev.choices):
                                 timer.content_sent()  # metrics: sent (the next one is asked for)
-                    elif event.kind == "done":
+                    elif ev.kind == "done":
                         finished = True
                         # Ends that came with no delta (cancelled while queued, or by the reaper).
                         tail: list[dict[str, Any]] = [
-                            {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
-                            for c in event.choices
+                            d
+                            for c in ev.choices
                             if c.finish_reason
+                            and (d := delta_choice(job, ChoiceDelta(index=c.index, finish_reason=c.finish_reason)))
                         ]
+                        usage = job.include_usage and ev.usage is not None
                         if tail:
-                            yield {"data": chunk_json(job, tail, attempt=event.attempt)}
-                        if job.include_usage and event.usage is not None:
-                            yield {
-                                "data": chunk_json(job, [], event.usage, attempt=event.attempt),
-                                "id": str(event.seq),
-                            }
+                            # Each seq once on the wire: the usage chunk, if one follows, has it.
+                            seq = None if usage else ev.seq
+                            yield event(chunk_json(job, tail, attempt=ev.attempt, seq=seq), seq)
+                        if usage:
+                            yield event(chunk_json(job, [], ev.usage, attempt=ev.attempt, seq=ev.seq), ev.seq)
                     else:
                         finished = True
-                        yield {
-                            "data": json.dumps(ServiceError.from_dict(event.error or {}).to_dict()),
-                            "id": str(event.seq),
-                        }
+                        # The job's own error carries its seq (a stream that broke has none).
+                        error = ServiceError.from_dict(ev.error or {}).to_dict() | {"seq": ev.seq}
+                        yield event(json.dumps(error), ev.seq)
             except ServiceError as exc:
                 finished = True
                 yield {"data": json.dumps(exc.to_dict())}
@@ -321,9 +463,9 @@ class ChatAdapter:
                 with anyio.CancelScope(shield=True):
                     await self.observe_queue_wait(job)
 
-    async def collect(self, job: JobView, subscription: Subscription | None, caller: Principal) -> ChatCompletion:
-        """Wait for the job to end; the `chat.completion`. If the caller goes away first
-        (the task is cancelled), the job is cancelled."""
+    async def collect(self, job: JobView, subscription: Subscription | None, caller: Principal) -> dict[str, Any]:
+        """Wait for the job to end; the `chat.completion` (`text_completion`). If the
+        caller goes away first (the task is cancelled), the job is cancelled."""
         finished = False
         try:
             async for event in self.pipeline.follow(job.id, -1, subscription):
@@ -342,7 +484,7 @@ class ChatAdapter:
                     await self.pipeline.cancel(job.id, quiet=True, source="disconnect")
         _, record = await self.view(job.id, caller)
         observe_queue_wait(job.model, record.created, record.started)  # metrics, from the record read anyway
-        return completion_object(record)
+        return completion_object(record, self.kind)
 
     async def observe_queue_wait(self, job: JobView) -> None:
         """Metrics: the job's queue wait (created -> started) from its record, once the
@@ -353,18 +495,18 @@ class ChatAdapter:
             return
         observe_queue_wait(job.model, created, started)
 
-    async def get(self, job_id: str, caller: Principal) -> ChatCompletionJob:
+    async def get(self, job_id: str, caller: Principal) -> dict[str, Any]:
         _, record = await self.view(job_id, caller)
-        return job_object(record)
+        return job_object(record, self.kind)
 
     # -- cancelling -------------------------------------------------------------------
 
-    async def cancel(self, job_id: str, caller: Principal) -> ChatCompletionJob:
+    async def cancel(self, job_id: str, caller: Principal) -> dict[str, Any]:
         """Cancel a job and answer with it (a running one ends within an engine step or two)."""
         await self.view(job_id, caller)
         before = await self.pipeline.cancel(job_id, source="client")
         if before == "missing":
-            raise JobNotFoundError(f"No chat completion job found with id '{job_id}'.", param="completion_id")
+            raise self.not_found(job_id)
         if before in (JobStatus.completed.value, JobStatus.failed.value):
             raise JobConflictError(f"Job '{job_id}' has already ended ({before}); it cannot be cancelled.")
         deadline = time.monotonic() + 3.0
@@ -372,4 +514,48 @@ class ChatAdapter:
         while not record.status.terminal and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             _, record = await self.view(job_id, caller)
-        return job_object(record)
+        return job_object(record, self.kind)
+
+
+class ChatAdapter(JobAdapter):
+    """`/v1/chat/completions`: a chat request becomes a job record (template, prompt
+    tokens, sampling, the worker's OutputSpec, limits: every client error is raised
+    before anything is queued)."""
+
+    kind = "chat"
+    noun = "chat completion"
+    path = "/v1/chat/completions"
+
+    async def prepare(self, req: ChatCompletionRequest, job_id: str | None = None, owner: str = "") -> JobRecord:
+        """Validate a request and turn it into a job record (not yet stored). Every client
+        error is raised here."""
+        if req.n > self.settings.max_n:
+            raise InvalidRequestError(f"n must be at most {self.settings.max_n}", param="n")
+        # Messages, their text and n × max_tokens, before anything is tokenized.
+        choice_max_tokens = check_chat_limits(req, self.settings)
+        try:
+            card, tokenizer = await self.catalog.get(req.model)
+        except RedisError as exc:
+            raise ServiceUnavailableError("cannot reach Redis") from exc
+        check_tool_support(req, card)
+        check_token_ids(req, tokenizer.vocab_size)
+        prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, req)
+        max_tokens = min(resolve_max_tokens(req, len(prompt_ids), card.max_model_len), choice_max_tokens)
+        sampling = sampling_from_request(req, max_tokens)
+        # Tools, structured output, logprobs, reasoning (...): the worker answers through
+        # vLLM's own protocol and parsers, from the request as validated.
+        output = (
+            OutputSpec(api="chat", body=req.vllm_body(max_tokens)) if req.needs_output(card.reasoning_parser) else None
+        )
+        return JobRecord(
+            id=job_id or new_job_id(),
+            model=req.model,
+            owner=owner,
+            request=JobRequest(prompt_token_ids=prompt_ids, sampling=sampling, output=output),
+            options=JobOptions(stream=req.stream, include_usage=req.include_usage, background=req.background),
+        )
+
+    async def submit(
+        self, req: ChatCompletionRequest, caller: Principal
+    ) -> tuple[JobView, Subscription | None, dict[str, str]]:
+        return await self._submit(req, caller, {"messages": [m.for_template() for m in req.messages]})

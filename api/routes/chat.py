@@ -1,4 +1,5 @@
-"""Chat completion jobs: create, read, follow (resumable SSE) and cancel."""
+"""Chat completion jobs: create, read, follow (resumable SSE) and cancel. The helpers
+(`create`, `resume`) serve `/v1/completions` too (api.routes.completions)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from api.auth import Principal
 from api.deps import ChatDep, PrincipalDep, SettingsDep
-from api.endpoints.chat import JobView
+from api.endpoints.chat import JobAdapter, JobView
 from api.jobs.reader import MAX_CURSOR, parse_cursor
 from api.metrics import RequestTimer, arrived_at, count_resume
-from api.openapi import RATE_LIMIT_HEADERS, REQUEST_ID, SSE_EVENT, error_responses
-from common.schemas import ChatCompletion, ChatCompletionJob, ChatCompletionRequest
+from api.openapi import RATE_LIMIT_HEADERS, REQUEST_ID, error_responses, sse_event
+from common.schemas import ChatCompletion, ChatCompletionJob, ChatCompletionRequest, CompletionRequest
 from common.settings import Settings
 
 router = APIRouter()
@@ -43,14 +46,65 @@ def sse(
     )
 
 
+async def create(
+    adapter: JobAdapter,
+    body: ChatCompletionRequest | CompletionRequest,
+    request: Request,
+    settings: Settings,
+    caller: Principal,
+) -> Any:
+    job, subscription, headers = await adapter.submit(body, caller)  # type: ignore[attr-defined]
+    # Metrics (issue 9): what the client sees, from the request's arrival (api/metrics.py).
+    timer = RequestTimer(job.model, arrived_at(request.scope))
+    if body.stream:
+        # A background job outlives its client; an ordinary one is cancelled when it leaves.
+        shutdown = anyio.Event()
+        events = adapter.stream(
+            job, subscription, cancel_on_disconnect=not body.background, shutdown=shutdown, timer=timer
+        )
+        return sse(settings, job, events, shutdown, headers)
+    headers = {**headers, "X-Request-Id": job.id}
+    if body.background:
+        return JSONResponse(await adapter.get(job.id, caller), headers=headers)
+    # Nothing is sent until the end, so watch for the client leaving meanwhile.
+    collecting = asyncio.create_task(adapter.collect(job, subscription, caller))
+    while True:
+        done, _ = await asyncio.wait({collecting}, timeout=1.0)
+        if done:
+            timer.ended()  # metrics: the job's end is in (the completion, or its error)
+            return JSONResponse(collecting.result(), headers=headers)
+        if await request.is_disconnected():
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+            raise asyncio.CancelledError("client disconnected")
+
+
+async def resume(
+    adapter: JobAdapter,
+    completion_id: str,
+    settings: Settings,
+    caller: Principal,
+    starting_after: int | None,
+    last_event_id: str | None,
+) -> Any:
+    after = parse_cursor(last_event_id, "Last-Event-ID")
+    if starting_after is not None:
+        after = starting_after
+    job, _ = await adapter.view(completion_id, caller)
+    count_resume(job.model)  # metrics (issue 9)
+    shutdown = anyio.Event()
+    return sse(settings, job, adapter.stream(job, after=after, shutdown=shutdown, with_ids=True), shutdown)
+
+
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion | ChatCompletionJob,
     responses={
         200: {
             "description": "A `chat.completion`; with `background`, the queued job; with `stream`, an SSE "
-            "stream of `chat.completion.chunk`s ending with `data: [DONE]`.",
-            "content": {"text/event-stream": SSE_EVENT},
+            "stream of `chat.completion.chunk`s (`data:` lines only, each chunk with its `seq`) ending with "
+            "`data: [DONE]`.",
+            "content": {"text/event-stream": sse_event("ChatCompletionChunk")},
             "headers": {"X-Request-Id": REQUEST_ID, **RATE_LIMIT_HEADERS},
         },
         **error_responses(
@@ -70,42 +124,17 @@ def sse(
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
-    response: Response,
     chat: ChatDep,
     settings: SettingsDep,
     caller: PrincipalDep,
 ) -> Any:
-    job, subscription, headers = await chat.submit(body, caller)
-    # Metrics (issue 9): what the client sees, from the request's arrival (api/metrics.py).
-    timer = RequestTimer(job.model, arrived_at(request.scope))
-    if body.stream:
-        # A background job outlives its client; an ordinary one is cancelled when it leaves.
-        shutdown = anyio.Event()
-        events = chat.stream(
-            job, subscription, cancel_on_disconnect=not body.background, shutdown=shutdown, timer=timer
-        )
-        return sse(settings, job, events, shutdown, headers)
-    response.headers.update(headers)
-    response.headers["X-Request-Id"] = job.id
-    if body.background:
-        return await chat.get(job.id, caller)
-    # Nothing is sent until the end, so watch for the client leaving meanwhile.
-    collecting = asyncio.create_task(chat.collect(job, subscription, caller))
-    while True:
-        done, _ = await asyncio.wait({collecting}, timeout=1.0)
-        if done:
-            timer.ended()  # metrics: the job's end is in (the completion, or its error)
-            return collecting.result()
-        if await request.is_disconnected():
-            collecting.cancel()
-            await asyncio.gather(collecting, return_exceptions=True)
-            raise asyncio.CancelledError("client disconnected")
+    return await create(chat, body, request, settings, caller)
 
 
 @router.get("/v1/chat/completions/{completion_id}", responses=error_responses(404, 503))
 async def get_chat_completion(completion_id: str, chat: ChatDep, caller: PrincipalDep) -> ChatCompletionJob:
     """The job: status and times; once it ended, its choices and usage."""
-    return await chat.get(completion_id, caller)
+    return JSONResponse(await chat.get(completion_id, caller))  # type: ignore[return-value]
 
 
 @router.get(
@@ -115,7 +144,7 @@ async def get_chat_completion(completion_id: str, chat: ChatDep, caller: Princip
     responses={
         200: {
             "description": "The job's SSE stream of `chat.completion.chunk`s, ending with `data: [DONE]`.",
-            "content": {"text/event-stream": SSE_EVENT},
+            "content": {"text/event-stream": sse_event("ChatCompletionChunk")},
             "headers": {"X-Request-Id": REQUEST_ID},
         },
         **error_responses(400, 404, 503, e400="`starting_after` or `Last-Event-ID` is not an event id."),
@@ -133,14 +162,9 @@ async def stream_chat_completion(
     ] = None,
 ) -> Any:
     """Replay the job's stream from the start, or from after `starting_after` / the
-    `Last-Event-ID` header, then follow it live until `[DONE]`. Leaving never cancels."""
-    after = parse_cursor(last_event_id, "Last-Event-ID")
-    if starting_after is not None:
-        after = starting_after
-    job, _ = await chat.view(completion_id, caller)
-    count_resume(job.model)  # metrics (issue 9)
-    shutdown = anyio.Event()
-    return sse(settings, job, chat.stream(job, after=after, shutdown=shutdown), shutdown)
+    `Last-Event-ID` header, then follow it live until `[DONE]`. Each event carries its
+    sequence number as its SSE `id` (and as `seq` in its chunk). Leaving never cancels."""
+    return await resume(chat, completion_id, settings, caller, starting_after, last_event_id)
 
 
 @router.post(
@@ -148,4 +172,4 @@ async def stream_chat_completion(
     responses=error_responses(404, 409, 503, e409="The job has already completed or failed."),
 )
 async def cancel_chat_completion(completion_id: str, chat: ChatDep, caller: PrincipalDep) -> ChatCompletionJob:
-    return await chat.cancel(completion_id, caller)
+    return JSONResponse(await chat.cancel(completion_id, caller))  # type: ignore[return-value]

@@ -28,14 +28,34 @@ class SSEStream:
             if c["index"] == 0
         )
 
+    def _cursor(self, event_id: str | None, data: str) -> str | None:
+        """An event's resume cursor: its SSE `id` (resumed streams), else the `seq` in its
+        chunk (a create request's stream has `data:` lines only)."""
+        if event_id is not None:
+            return event_id
+        if data.startswith("{") and '"seq":' in data:
+            seq = json.loads(data).get("seq")
+            return str(seq) if seq is not None else None
+        return None
+
     @property
     def last_id(self) -> str | None:
-        ids = [i for i, _ in self.events if i is not None]
+        ids = [c for i, d in self.events if (c := self._cursor(i, d)) is not None]
         return ids[-1] if ids else None
 
     @property
     def ids(self) -> list[int]:
-        return [int(i) for i, _ in self.events if i is not None]
+        """Distinct cursors in order (a job's last event may render as two chunks)."""
+        out: list[int] = []
+        for i, d in self.events:
+            c = self._cursor(i, d)
+            if c is not None and (not out or int(c) != out[-1]):
+                out.append(int(c))
+        return out
+
+    @property
+    def id_lines(self) -> list[str]:
+        return [i for i, _ in self.events if i is not None]
 
     @property
     def errors(self) -> list[dict[str, Any]]:

@@ -128,7 +128,7 @@ def test_create_batch_errors(client, model):
     with pytest.raises(openai.BadRequestError):
         client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="1h")
     with pytest.raises(openai.BadRequestError):
-        client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
+        client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h")
     with pytest.raises(openai.NotFoundError):
         client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
     with pytest.raises(openai.NotFoundError):

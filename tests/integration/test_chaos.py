@@ -149,6 +149,8 @@ async def consume(resp: httpx.Response, run: StreamRun, stop_after_content: int 
                 run.done = True
                 return "done"
             chunk = json.loads(payload)
+            if eid is None and chunk.get("seq") is not None:
+                eid = str(chunk["seq"])  # a create request's stream: `data:` lines, the seq in the JSON
             if eid is not None:
                 seq = int(eid)
                 if run.last_id is not None and seq <= run.last_id:

@@ -69,9 +69,12 @@ def test_sse_wire_format(http, model):
         raw = resp.read().decode()
     frames = [f for f in raw.replace("\r\n", "\n").split("\n\n") if f.strip()]
     assert frames[-1] == "data: [DONE]"
-    ids = [int(line[4:]) for f in frames for line in f.split("\n") if line.startswith("id: ")]
-    assert ids == sorted(ids) and len(set(ids)) == len(ids) and ids[0] == 0
+    # Issue 10: `data:` lines only, as OpenAI and vLLM send them (naive clients split on
+    # them); each chunk but the role chunk carries its job event's `seq`, a resume cursor.
+    assert all(line.startswith("data: ") for f in frames for line in f.split("\n")), raw
     payloads = [json.loads(f.split("data: ", 1)[1]) for f in frames[:-1]]
+    seqs = [p["seq"] for p in payloads[1:]]
+    assert "seq" not in payloads[0] and seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[0] == 0
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
 
 

@@ -124,7 +124,7 @@ def _steer(case: schemathesis.Case, model: str, resources: dict[str, Any]) -> No
     body = case.body
     if not positive or not isinstance(body, dict):
         return  # an invalid request is left as generated: it must be refused as it is
-    if case.path == "/v1/chat/completions" and case.method == "POST":
+    if case.path in ("/v1/chat/completions", "/v1/completions") and case.method == "POST":
         if not _share(case, "model", 5):  # four in five name the real model
             body["model"] = model
         wanted = [body.get(k) for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
@@ -134,8 +134,27 @@ def _steer(case: schemathesis.Case, model: str, resources: dict[str, Any]) -> No
                 body[key] = cap
         if not any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens")):
             body["max_tokens"] = cap
-        body["n"] = min(body.get("n", 1), MAX_CHOICES)
-        body["min_tokens"] = min(body.get("min_tokens", 0), cap)
+        body["n"] = min(body.get("n") or 1, MAX_CHOICES)
+        if body.get("best_of") is not None:
+            body["best_of"] = body["n"]
+        body["min_tokens"] = min(body.get("min_tokens") or 0, cap)
+        # What is valid only for a model (its vocabulary, its grammar backend) is left out
+        # of valid requests, as the context length is above: token ids in range, no
+        # generated grammars or schemas (tests/integration/test_openai_surface.py has them).
+        for key in ("logit_bias", "stop_token_ids", "structured_outputs"):
+            body.pop(key, None)
+        if isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "json_schema":
+            body["response_format"] = {"type": "json_object"}
+        if isinstance(body.get("tool_choice"), dict) or body.get("tool_choice") == "required":
+            body["tool_choice"] = "auto"  # forced calls compile the tool's (generated) schema
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            prompt = prompt[:MAX_CHOICES]
+            # (A token id may come as a whole float: 3.0 is an integer to JSON Schema.)
+            body["prompt"] = [
+                [int(t) % 1000 for t in p[:8]] if isinstance(p, list) else p if isinstance(p, str) else int(p) % 1000
+                for p in prompt
+            ]
     elif case.path == "/v1/batches" and case.method == "POST" and _share(case, "input_file_id", 4):
         body["input_file_id"] = resources["file_id"]
 
@@ -165,7 +184,8 @@ def test_fuzz_openapi(case: schemathesis.Case, model: str, resources: dict[str, 
         response = case.call_and_validate()
     declared = case.method == case.operation.method.upper()
     SEEN[case.operation.label if declared else "undeclared methods"][response.status_code] += 1
-    if declared and case.operation.label == "POST /v1/chat/completions" and response.status_code == 200:
+    generating = ("POST /v1/chat/completions", "POST /v1/completions")
+    if declared and case.operation.label in generating and response.status_code == 200:
         GENERATED["streamed" if "event-stream" in response.headers.get("content-type", [""])[0] else "json"] += 1
 
 

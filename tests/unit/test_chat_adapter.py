@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+from pydantic import ValidationError
 from sse_starlette import ServerSentEvent
 
 from api.endpoints.chat import ChatAdapter, JobView, resolve_max_tokens, sampling_from_request
@@ -36,9 +37,11 @@ def test_context_overflow_is_a_400_naming_the_parameter():
 
 
 def test_sampling_spec_takes_what_was_given():
-    spec = sampling_from_request(req(temperature=0, top_k=-1, seed=3, stop="x", n=2), max_tokens=5)
-    assert (spec.temperature, spec.top_k, spec.seed, spec.stop, spec.n, spec.max_tokens) == (0, 0, 3, ["x"], 2, 5)
-    assert spec.top_p == 1.0  # untouched default
+    spec = sampling_from_request(req(temperature=0.5, top_k=-1, seed=3, stop="x", n=2), max_tokens=5)
+    assert (spec.temperature, spec.top_k, spec.seed, spec.stop, spec.n, spec.max_tokens) == (0.5, 0, 3, ["x"], 2, 5)
+    with pytest.raises(ValidationError):  # vLLM: "n must be 1 when using greedy sampling"
+        req(temperature=0, n=2)
+    assert spec.top_p is None  # not given: the worker applies the model's default, then OpenAI's
     with pytest.raises(InvalidRequestError):
         sampling_from_request(req(min_tokens=9), max_tokens=5)
 
@@ -72,8 +75,17 @@ class ScriptedService(ChatAdapter):
         return self.scripted.cancelled
 
 
-def view(n=1, include_usage=False):
-    return JobView(id="chatcmpl-1", model="m", created=1, n=n, include_usage=include_usage, background=False)
+def view(n=1, include_usage=False, kind="chat", continuable=None):
+    return JobView(
+        id="chatcmpl-1" if kind == "chat" else "cmpl-1",
+        model="m",
+        created=1,
+        n=n,
+        include_usage=include_usage,
+        background=False,
+        kind=kind,
+        continuable=n == 1 if continuable is None else continuable,
+    )
 
 
 async def drain(gen):
@@ -96,10 +108,12 @@ async def test_stream_wire_format():
     assert frames[-1] == "data: [DONE]"
     assert datas[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(d["object"] == "chat.completion.chunk" and d["id"] == "chatcmpl-1" for d in datas)
-    # The empty delta (a token with no text yet) is not sent; the rest carry their seq as `id:`.
+    # The empty delta (a token with no text yet) is not sent; the rest carry their seq in
+    # the JSON, and the wire has `data:` lines only (as OpenAI and vLLM send them).
     assert [d["choices"][0]["delta"] for d in datas[1:3]] == [{"content": "Hel"}, {"content": "lo"}]
     assert datas[2]["choices"][0]["finish_reason"] == "stop"
-    assert frames[1].startswith("id: 0\n") and frames[2].startswith("id: 2\n")
+    assert all(line.startswith("data: ") for f in frames for line in f.split("\n"))
+    assert "seq" not in datas[0] and [d["seq"] for d in datas[1:]] == [0, 2, 3]
     assert datas[3]["choices"] == [] and datas[3]["usage"] == {
         "prompt_tokens": 4,
         "completion_tokens": 3,
@@ -109,10 +123,10 @@ async def test_stream_wire_format():
 
 
 async def test_resumed_stream_starts_after_the_given_event_without_role_chunk():
-    out = await drain(ScriptedService(EVENTS).stream(view(), after=0))
+    out = await drain(ScriptedService(EVENTS).stream(view(), after=0, with_ids=True))
     datas = [json.loads(i["data"]) for i in out[:-1]]
     assert [d["choices"][0]["delta"] for d in datas] == [{"content": "lo"}]
-    assert out[0]["id"] == "2" and out[-1]["data"] == "[DONE]"
+    assert out[0]["id"] == "2" and datas[0]["seq"] == 2 and out[-1]["data"] == "[DONE]"
 
 
 async def test_stream_without_include_usage_has_no_usage_chunk():

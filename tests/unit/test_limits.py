@@ -383,10 +383,12 @@ def test_n_times_max_tokens():
 
 
 class FakeTokenizer:
+    vocab_size = 1000
+
     def __init__(self) -> None:
         self.calls = 0
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, req: Any) -> list[int]:
         self.calls += 1
         return [1] * 10
 
@@ -396,7 +398,7 @@ class FakeCatalog:
         self.tokenizer = FakeTokenizer()
 
     async def get(self, model: str):
-        return SimpleNamespace(max_model_len=8192), self.tokenizer
+        return SimpleNamespace(max_model_len=8192, tool_call_parser=None, reasoning_parser=None), self.tokenizer
 
 
 async def test_prepare_refuses_before_tokenizing_and_caps_a_default_max_tokens():

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from api.main import create_app
-from common.schemas import ChatCompletionRequest
+from common.schemas import ChatCompletionRequest, CompletionRequest
 from common.settings import Settings
 
 PUBLIC = {"/health", "/v1/health"}
@@ -116,7 +116,9 @@ def test_parameters_are_never_null_and_integer_bounds_are_exact(doc: dict[str, A
     props = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     seed = props["seed"]["anyOf"][0]
     assert (seed["minimum"], seed["maximum"]) == (-(2**63), 2**63 - 1)
-    assert props["n"]["maximum"] == 8  # MAX_N, from the settings
+    assert props["n"]["anyOf"][0]["maximum"] == 8  # MAX_N, from the settings
+    completion = doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert completion["n"]["anyOf"][0]["maximum"] == 8
 
 
 def test_405_names_every_method_of_the_path(app: Any) -> None:
@@ -167,7 +169,118 @@ BODIES = [
     pytest.param({**_message(), "seed": 2**63 - 1}, id="seed-2**63-1"),
     pytest.param({**_message(), "max_tokens": 0}, id="max-tokens-0"),
     pytest.param({**_message(), "unknown_field": {"is": "ignored"}}, id="unknown-field"),
+    # Issue 10: OpenAI's nulls, and the whole chat surface.
+    pytest.param({**_message(), "n": None, "stream": None, "temperature": None, "seed": None}, id="nulls"),
+    pytest.param({**_message(), "logprobs": None, "top_logprobs": None, "tools": None}, id="more-nulls"),
+    pytest.param({**_message(), "logprobs": True, "top_logprobs": 20}, id="top-logprobs-20"),
+    pytest.param({**_message(), "logprobs": True, "top_logprobs": 21}, id="top-logprobs-21"),
+    pytest.param({**_message(), "logit_bias": {"50": 10, "7": -100}}, id="logit-bias"),
+    pytest.param({**_message(), "logit_bias": {"x": 1}}, id="logit-bias-key"),
+    pytest.param({**_message(), "logit_bias": {"5": 101}}, id="logit-bias-value"),
+    pytest.param({**_message(), "functions": [{"name": "f"}]}, id="functions"),
+    pytest.param({**_message(), "function_call": "auto"}, id="function-call"),
+    pytest.param({**_message(), "functions": None}, id="null-functions"),
+    pytest.param({**_message(), "audio": {"voice": "x"}}, id="audio"),
+    pytest.param({**_message(), "modalities": ["text"]}, id="modalities-text"),
+    pytest.param({**_message(), "modalities": ["text", "audio"]}, id="modalities-audio"),
+    pytest.param({**_message(), "prediction": {"type": "content"}}, id="prediction"),
+    pytest.param({**_message(), "web_search_options": {}}, id="web-search"),
+    pytest.param({**_message(), "use_beam_search": False}, id="beam-search-off"),
+    pytest.param({**_message(), "use_beam_search": True}, id="beam-search"),
+    pytest.param({**_message(), "echo": 0}, id="echo-0"),
+    pytest.param({**_message(), "user": "u", "metadata": {"a": "b"}, "store": True, "service_tier": "auto"}, id="ok"),
+    pytest.param({**_message(), "tools": [{"type": "function", "function": {"name": "f"}}]}, id="tools-auto"),
+    pytest.param(
+        {**_message(), "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+        id="tools-required",
+    ),
+    pytest.param(
+        {
+            **_message(),
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+        },
+        id="tools-named",
+    ),
+    pytest.param({**_message(), "tool_choice": "required"}, id="tool-choice-without-tools"),
+    pytest.param({**_message(), "tool_choice": None}, id="null-tool-choice"),
+    pytest.param({**_message(), "tool_choice": "sometimes"}, id="bad-tool-choice"),
+    pytest.param({**_message(), "tools": [{"type": "function", "function": {"name": ""}}]}, id="tool-no-name"),
+    pytest.param({**_message(), "parallel_tool_calls": False}, id="parallel-tool-calls"),
+    pytest.param(
+        {**_message(), "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+        id="json-schema",
+    ),
+    pytest.param({**_message(), "response_format": {"type": "json_schema"}}, id="json-schema-missing"),
+    pytest.param({**_message(), "response_format": {"type": "xml"}}, id="xml-format"),
+    pytest.param({**_message(), "structured_outputs": {"regex": "[a-z]+"}}, id="so-regex"),
+    pytest.param({**_message(), "structured_outputs": {"choice": ["a", "b"]}}, id="so-choice"),
+    pytest.param({**_message(), "structured_outputs": {"json": {"type": "object"}}}, id="so-json"),
+    pytest.param({**_message(), "structured_outputs": {"regex": "a", "choice": ["a"]}}, id="so-two"),
+    pytest.param({**_message(), "structured_outputs": {"regex": "a", "grammar": None}}, id="so-null-other"),
+    pytest.param({**_message(), "structured_outputs": {}}, id="so-none"),
+    pytest.param({**_message(), "structured_outputs": {"regex": "a", "x": 1}}, id="so-unknown"),
+    pytest.param({**_message(), "chat_template_kwargs": {"enable_thinking": False}}, id="template-kwargs"),
+    pytest.param({**_message(), "include_reasoning": False, "reasoning_effort": "low"}, id="reasoning"),
+    pytest.param({**_message(), "reasoning_effort": "huge"}, id="bad-reasoning-effort"),
+    pytest.param({**_message(), "stream_options": {"include_usage": None}, "stream": True}, id="null-include-usage"),
+    pytest.param(
+        {"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": 1, "function": {"name": "f"}}]}]},
+        id="tool-call-id-not-string",
+    ),
+    pytest.param(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {"name": "f"}}]},
+                {"role": "tool", "content": "1", "tool_call_id": "c"},
+            ],
+        },
+        id="tool-history",
+    ),
 ]
+
+
+COMPLETION_BODIES = [
+    pytest.param({"model": "m", "prompt": "hi"}, id="string"),
+    pytest.param({"model": "m", "prompt": ["a", "b"]}, id="strings"),
+    pytest.param({"model": "m", "prompt": [1, 2, 3]}, id="ids"),
+    pytest.param({"model": "m", "prompt": [[1, 2], [3]]}, id="id-lists"),
+    pytest.param({"model": "m", "prompt": ""}, id="empty"),
+    pytest.param({"model": "m", "prompt": []}, id="empty-list"),
+    pytest.param({"model": "m", "prompt": [[]]}, id="empty-ids"),
+    pytest.param({"model": "m", "prompt": ["a", ""]}, id="an-empty-string"),
+    pytest.param({"model": "m", "prompt": [-1]}, id="negative-id"),
+    pytest.param({"model": "m"}, id="no-prompt"),
+    pytest.param({"model": "m", "prompt": None}, id="null-prompt"),
+    pytest.param({"model": "m", "prompt": "x", "max_tokens": None, "n": None, "echo": None}, id="nulls"),
+    pytest.param({"model": "m", "prompt": "x", "echo": True, "logprobs": 3}, id="echo-logprobs"),
+    pytest.param({"model": "m", "prompt": "x", "logprobs": 21}, id="logprobs-21"),
+    pytest.param({"model": "m", "prompt": "x", "suffix": "y"}, id="suffix"),
+    pytest.param({"model": "m", "prompt": "x", "suffix": None}, id="null-suffix"),
+    pytest.param({"model": "m", "prompt": "x", "best_of": 2, "n": 2}, id="best-of-n"),
+    pytest.param({"model": "m", "prompt": "x", "best_of": 2}, id="best-of"),
+    pytest.param({"model": "m", "prompt": "x", "max_tokens": 0}, id="max-tokens-0"),
+    pytest.param({"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}, id="stream-options"),
+    pytest.param({"model": "m", "prompt": "x", "logit_bias": {"1": 5}}, id="logit-bias"),
+    pytest.param({"model": "m", "prompt": "x", "n": 2, "temperature": 0}, id="greedy-n-2"),
+    pytest.param({"model": "m", "prompt": "x", "n": 2, "temperature": 0.5}, id="sampled-n-2"),
+    pytest.param({"model": "m", "prompt": "x", "n": 2}, id="default-temperature-n-2"),
+]
+
+
+@pytest.mark.parametrize("body", COMPLETION_BODIES)
+def test_the_completion_schema_accepts_what_the_validators_accept(doc: dict[str, Any], body: dict[str, Any]) -> None:
+    validator = jsonschema_rs.Draft202012Validator(
+        {"$ref": "#/components/schemas/CompletionRequest", "components": doc["components"]}
+    )
+    documented = validator.is_valid(body)
+    try:
+        CompletionRequest.model_validate(body)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert documented == accepted, f"documented {documented}, validators {accepted}"
 
 
 @pytest.mark.parametrize("body", BODIES)

@@ -43,8 +43,10 @@ def test_stop_string_becomes_list():
         ("top_k", -2),
         ("stop", [""]),
         ("stop", ["s"] * 17),
-        ("logprobs", True),
-        ("response_format", {"type": "json_object"}),
+        ("top_logprobs", 3),  # without logprobs
+        ("response_format", {"type": "xml"}),
+        ("functions", [{"name": "f"}]),
+        ("tool_choice", "required"),  # without tools
     ],
 )
 def test_invalid_parameters_rejected(field, value):
@@ -74,15 +76,22 @@ def test_content_parts_and_roles_rendered_for_template():
             "messages": [
                 {"role": "developer", "content": "be brief"},
                 {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "t1", "type": "function"}]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
                 {"role": "tool", "content": "42", "tool_call_id": "t1"},
             ],
         }
     )
+    # As vLLM hands them to a template (its chat_utils): parts joined by newlines, the
+    # developer role kept (api.templates turns it into system for templates without it).
     rendered = [m.for_template() for m in r.messages]
-    assert rendered[0] == {"role": "system", "content": "be brief"}
-    assert rendered[1] == {"role": "user", "content": "ab"}
+    assert rendered[0] == {"role": "developer", "content": "be brief", "tools": None}
+    assert rendered[1] == {"role": "user", "content": "a\nb"}
     assert rendered[2]["content"] == "" and rendered[2]["tool_calls"][0]["id"] == "t1"
+    assert rendered[2]["tool_calls"][0]["function"]["arguments"] == {}
     assert rendered[3] == {"role": "tool", "content": "42", "tool_call_id": "t1"}
 
 

