@@ -147,7 +147,15 @@ class Settings(BaseSettings):
 
     # Per-stream buffer of undelivered events before a slow client is cut off.
     stream_buffer_events: int = Field(default=4096, ge=16)
+    # Keep-alive comments (`: ping`) on the resume streams (GET .../stream), every this
+    # many seconds: EventSource clients and proxies expect them.
     sse_ping_seconds: float = Field(default=15.0, gt=0)
+    # The same on the streams of POST /v1/chat/completions and /v1/completions; 0 (the
+    # default): none, as OpenAI and vLLM send none. A naive SSE parser (vLLM's benchmark
+    # client, clients that split on blank lines and strip `data: `) takes a comment for
+    # data and loses the event next to it. Set it when a proxy's idle timeout is shorter
+    # than a queued job's wait for its first token.
+    sse_create_ping_seconds: float = Field(default=0.0, ge=0)
     # A client that accepts nothing for this long is disconnected.
     sse_send_timeout_seconds: float = Field(default=30.0, gt=0)
 

@@ -202,7 +202,9 @@ def chunk_json(
 def delta_choice(job: JobView, c: ChoiceDelta) -> dict[str, Any] | None:
     """A job's choice delta as a streamed choice (None: nothing to send)."""
     if job.kind != "chat":
-        if not (c.text or c.finish_reason or c.logprobs):
+        # As vLLM's completions stream: a chunk for every step that made tokens, even
+        # those whose text the detokenizer holds back ("text": "").
+        if not (c.text or c.token_ids or c.finish_reason or c.logprobs):
             return None
         out = {"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
         if c.prompt_token_ids is not None:

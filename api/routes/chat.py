@@ -33,10 +33,12 @@ def sse(
     events: AsyncIterator[dict[str, str]],
     shutdown: anyio.Event,
     headers: dict[str, str] | None = None,
+    ping: float = 0,
 ) -> Any:
+    """An SSE response; `ping`: seconds between keep-alive comments (0: none)."""
     return EventSourceResponse(
         events,
-        ping=int(settings.sse_ping_seconds),
+        ping=ping,
         sep="\n",
         headers={"X-Request-Id": job.id, **(headers or {})},
         # A client that stops reading for this long is cut off (its buffer is bounded too).
@@ -62,7 +64,9 @@ async def create(
         events = adapter.stream(
             job, subscription, cancel_on_disconnect=not body.background, shutdown=shutdown, timer=timer
         )
-        return sse(settings, job, events, shutdown, headers)
+        # No keep-alive comments unless configured: OpenAI and vLLM send none, and naive
+        # parsers (vLLM's benchmark client) lose the event a comment lands next to.
+        return sse(settings, job, events, shutdown, headers, ping=settings.sse_create_ping_seconds)
     headers = {**headers, "X-Request-Id": job.id}
     if body.background:
         return JSONResponse(await adapter.get(job.id, caller), headers=headers)
@@ -93,7 +97,8 @@ async def resume(
     job, _ = await adapter.view(completion_id, caller)
     count_resume(job.model)  # metrics (issue 9)
     shutdown = anyio.Event()
-    return sse(settings, job, adapter.stream(job, after=after, shutdown=shutdown, with_ids=True), shutdown)
+    events = adapter.stream(job, after=after, shutdown=shutdown, with_ids=True)
+    return sse(settings, job, events, shutdown, ping=settings.sse_ping_seconds)
 
 
 @router.post(

@@ -361,6 +361,12 @@ def test_completion_chunks() -> None:
         "usage": None,
         "seq": 4,
     }
+    # Tokens whose text the detokenizer holds back still get their chunk, as vLLM's (before:
+    # none, and a job whose every token was held back streamed only its finish, which a
+    # keep-alive comment next to it could hide from vLLM's benchmark client).
+    held = delta_choice(CMPL, ChoiceDelta(index=0, text="", token_ids=[7]))
+    assert held == {"index": 0, "text": "", "logprobs": None, "finish_reason": None}
+    assert delta_choice(CMPL, ChoiceDelta(index=0)) is None
 
 
 def record(kind: str, choices: list[ChoiceResult], output: OutputSpec | None = None) -> JobRecord:
