@@ -367,10 +367,19 @@ def check_chat_limits(req: ChatCompletionRequest, settings: Settings) -> int:
             code="array_above_max_length",
         )
     chars = sum(m.text_chars() for m in req.messages)
-    if chars > settings.max_prompt_chars:
+    # What else the chat template renders into the prompt: the tools and its arguments
+    # (before: uncounted, a 7.7 MB `tools` array cost the API 6.7 s of rendering and
+    # tokenizing before the context check refused it).
+    extra = sum(
+        len(json.dumps(value, ensure_ascii=False, default=str))
+        for value in ([t.model_dump(exclude_none=True) for t in req.tools or []], req.chat_template_kwargs)
+        if value
+    )
+    if chars + extra > settings.max_prompt_chars:
+        what = "the messages" + (" and tools" if extra else "")
         raise InvalidRequestError(
-            f"messages: the messages hold {chars} characters; at most {settings.max_prompt_chars} are allowed",
-            param="messages",
+            f"messages: {what} hold {chars + extra} characters; at most {settings.max_prompt_chars} are allowed",
+            param="tools" if extra > chars else "messages",
             code="string_above_max_length",
         )
     cap = settings.max_total_completion_tokens

@@ -195,7 +195,7 @@ def _configured_completion_limits(props: dict[str, Any], settings: Settings) -> 
     _cap(props["n"], "maximum", settings.max_n)
     for branch in props["prompt"].get("anyOf", []):
         if branch.get("type") == "array" and branch.get("items", {}).get("type") in ("string", "array"):
-            branch["maxItems"] = settings.max_messages
+            branch["maxItems"] = settings.max_prompts
     _cap(props["max_tokens"], "maximum", settings.max_total_completion_tokens)
 
 

@@ -466,7 +466,8 @@ class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     name: str
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    # Required, as vLLM requires it (without one its request fails "none are specified").
+    schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
 
 
@@ -625,8 +626,13 @@ class _SamplingFields(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise param_error("stream_options", "stream_options is only allowed when stream is true")
         _check_logit_bias(self.logit_bias)
-        # (structured_outputs with a response_format of another kind: vLLM's own request
-        # refuses it on the worker, as `vllm serve` does.)
+        rf = getattr(self, "response_format", None)
+        if self.structured_outputs is not None and rf is not None and rf.type != "text":
+            # vLLM refuses two constraints ("only one kind of structured outputs"), on the
+            # worker, after a stream's 200: refused here, before anything is queued.
+            raise param_error(
+                "structured_outputs", f"structured_outputs cannot be combined with response_format {rf.type!r}"
+            )
 
     @property
     def include_usage(self) -> bool:

@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     log_prompts: bool = False
 
     max_n: int = Field(default=16, ge=1)
+    # Completions: choices one request may ask for, n × its prompts (each prompt is a vLLM
+    # request on one worker, though the job is admitted and counted once).
+    max_prompts: int = Field(default=256, ge=1)
 
     # Request limits (hostile input): each is answered with a 4xx OpenAI error before the
     # request is parsed further, tokenized or queued (api/limits.py).

@@ -40,7 +40,7 @@ from common.jobs import (
     JobStatus,
     ModelCard,
     WorkerInfo,
-    merge_logprobs,
+    extend_logprobs,
 )
 from common.jobstore import JobStore, new_claim_token
 from common.logs import job_fields, log_event
@@ -425,7 +425,7 @@ class WorkerRuntime:
                             messages[d.index] = d.message
                             d.message = None  # the result's, not the stream's
                         if d.logprobs:
-                            logprobs[d.index] = merge_logprobs(logprobs.get(d.index), d.logprobs)
+                            logprobs[d.index] = extend_logprobs(logprobs.get(d.index), d.logprobs)
                         if d.stop_reason is not None:
                             extras.setdefault(d.index, {})["stop_reason"] = d.stop_reason
                         if d.prompt_logprobs is not None:

@@ -29,7 +29,13 @@ from common.jobs import ChoiceDelta, JobRequest, SamplingSpec
 from common.settings import Settings
 from worker.chat_template import read_chat_template, with_chat_template
 from worker.engine import EngineRequestError
-from worker.openai_output import REQUEST_ERRORS, OpenAIFrontend, ParserConfigError, check_parser_names
+from worker.openai_output import (
+    REQUEST_ERRORS,
+    OpenAIFrontend,
+    ParserConfigError,
+    check_parser_names,
+    finish_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +61,6 @@ PLAIN_DEFAULTS: dict[str, Any] = {
     "frequency_penalty": 0.0,
     "repetition_penalty": 1.0,
 }
-FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -172,7 +177,7 @@ class VllmEngine:
                         index=o.index,
                         text=o.text,
                         token_ids=list(o.token_ids),
-                        finish_reason=FINISH_REASONS.get(o.finish_reason, o.finish_reason) if o.finish_reason else None,
+                        finish_reason=finish_reason(o.finish_reason),
                         stop_reason=o.stop_reason,
                     )
                     for o in output.outputs
@@ -215,7 +220,7 @@ class VllmEngine:
                         index=p * n + o.index,
                         text=o.text,
                         token_ids=list(o.token_ids),
-                        finish_reason=FINISH_REASONS.get(o.finish_reason, o.finish_reason) if o.finish_reason else None,
+                        finish_reason=finish_reason(o.finish_reason),
                         stop_reason=o.stop_reason,
                     )
                     for o in output.outputs
@@ -240,13 +245,18 @@ class VllmEngine:
             )
             for p, (prompt, sub) in enumerate(zip(request.prompts, ids, strict=True))
         ]
+        started = False
         try:
             async for p, output in merge_async_iterators(*streams):
+                started = True
                 deltas = processors[p].process(output)
                 if deltas:
                     yield deltas
         except REQUEST_ERRORS as exc:
-            # vLLM validates the prompt (context length) and the structured output's grammar.
+            if started:
+                raise  # a fault of ours (a parser, a formatter) mid-answer: not the client's
+            # vLLM validates the prompt (context length) and the structured output's grammar
+            # when the request is added, before its first output.
             raise EngineRequestError(str(exc)) from exc
         finally:
             self._subrequests.pop(request_id, None)

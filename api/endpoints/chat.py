@@ -68,6 +68,9 @@ class JobView:
     kind: str = "chat"  # or "completion"
     # A new attempt continues the answer (else a stream that showed some of it must end).
     continuable: bool = True
+    # The job's attempt when the view was read: a reader starting from the beginning of a
+    # job that cannot continue skips the deltas of attempts before it (superseded).
+    attempt: int = 0
 
 
 def view_of(record: JobRecord, kind: str) -> JobView:
@@ -81,6 +84,7 @@ def view_of(record: JobRecord, kind: str) -> JobView:
         record.options.background,
         kind=kind,
         continuable=request.continuable if request else True,
+        attempt=record.attempt,
     )
 
 
@@ -411,6 +415,8 @@ class JobAdapter:
             try:
                 async for ev in self.pipeline.follow(job.id, after, subscription):
                     if ev.kind == "delta":
+                        if not job.continuable and sent_in is None and ev.attempt < job.attempt:
+                            continue  # a superseded attempt's output: the reader has none of it
                         if not job.continuable and sent_in is not None and ev.attempt != sent_in:
                             raise StreamClosed(
                                 "the worker running this job was lost and the job started over; its stream cannot "

@@ -41,9 +41,9 @@ class CompletionAdapter(JobAdapter):
         settings = self.settings
         if req.n > settings.max_n:
             raise InvalidRequestError(f"n must be at most {settings.max_n}", param="n")
-        if len(prompts) > settings.max_messages:
+        if req.n * len(prompts) > settings.max_prompts:
             raise InvalidRequestError(
-                f"prompt: at most {settings.max_messages} prompts are allowed, got {len(prompts)}",
+                f"prompt: n × prompts may be at most {settings.max_prompts}, got {req.n} × {len(prompts)}",
                 param="prompt",
                 code="array_above_max_length",
             )

@@ -185,4 +185,14 @@ async def test_a_lost_workers_tool_call_starts_over_and_its_stream_says_so(rich)
     result = json.loads(final["result"])
     (call,) = result["choices"][0]["message"]["tool_calls"]
     assert json.loads(call["function"]["arguments"])["text"]  # one whole call, parseable
+
+    # Replayed from the start afterwards: the attempt that finished, whole, and nothing of
+    # the one that was lost (before: the first attempt's fragments, then `worker_lost`).
+    async with httpx.AsyncClient(base_url=rich.api_url, timeout=60) as h:
+        replay = await read_sse(h, "GET", f"/v1/chat/completions/{job_id}/stream")
+    assert replay.done and not replay.errors
+    calls = tool_deltas(replay)
+    assert [d["id"] for d in calls if "id" in d] == [call["id"]]
+    assert arguments(calls) == call["function"]["arguments"]
+    assert {c.get("attempt", 1) for c in replay.chunks if c.get("choices") and "seq" in c} == {2}
     rich.start_worker("w1")

@@ -371,6 +371,20 @@ def test_too_much_message_text_counts_parts_names_and_tool_calls():
     check_chat_limits(req(messages=[{"role": "user", "content": "x" * 100}]), SETTINGS)
 
 
+def test_tools_and_template_arguments_count_as_prompt_text():
+    """The chat template renders them into the prompt: they count towards
+    MAX_PROMPT_CHARS (before: uncounted, whatever their size)."""
+    tool = {"type": "function", "function": {"name": "f", "description": "d" * 80}}
+    msg = [{"role": "user", "content": "hi"}]
+    with pytest.raises(InvalidRequestError) as exc:
+        check_chat_limits(req(messages=msg, tools=[tool]), SETTINGS)
+    assert exc.value.param == "tools" and exc.value.code == "string_above_max_length"
+    with pytest.raises(InvalidRequestError):
+        check_chat_limits(req(messages=msg, chat_template_kwargs={"system": "s" * 100}), SETTINGS)
+    small = {"type": "function", "function": {"name": "f"}}
+    check_chat_limits(req(messages=msg, tools=[small], chat_template_kwargs={"enable_thinking": False}), SETTINGS)
+
+
 def test_n_times_max_tokens():
     with pytest.raises(InvalidRequestError) as exc:
         check_chat_limits(req(n=4, max_tokens=251), SETTINGS)

@@ -37,6 +37,7 @@ from common.jobs import (
     ModelCard,
     OutputSpec,
     SamplingSpec,
+    extend_logprobs,
 )
 from common.schemas import ChatCompletionRequest, CompletionRequest, Usage
 from common.settings import Settings
@@ -108,6 +109,12 @@ def test_openai_nulls_are_accepted(app_client: TestClient) -> None:
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        # Refused by vLLM on the worker (after a stream's 200): refused up front.
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
         (
@@ -323,6 +330,13 @@ async def test_completions_become_one_job_of_several_prompts() -> None:
     with pytest.raises(InvalidRequestError) as exc:  # 99 + 16 > 100
         await adapter.prepare(CompletionRequest.model_validate({"model": "m", "prompt": "x" * 99}))
     assert exc.value.param == "max_tokens"
+    # n × prompts is bounded (MAX_PROMPTS): each prompt is a vLLM request of its own, the
+    # job counted once (before: up to 2048 prompts × MAX_N choices in one request).
+    few = CompletionAdapter(Settings(max_prompts=4), pipeline=None, catalog=FakeCatalog(card()))  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError) as exc:
+        await few.prepare(CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b", "c"], "n": 2}))
+    assert exc.value.param == "prompt" and exc.value.code == "array_above_max_length"
+    await few.prepare(CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"], "n": 2}))
 
 
 # -- rendering events and results ------------------------------------------------------------
@@ -441,3 +455,18 @@ async def test_a_restarted_rich_job_ends_a_stream_that_showed_output_with_an_err
 
 def test_card_defaults_keep_old_workers_plain() -> None:
     assert card().tool_call_parser is None and SimpleNamespace is not None
+
+
+def test_logprobs_gather_in_place_without_aliasing() -> None:
+    """A long answer's logprobs grow in place (copying them per step was quadratic: 0.7 s
+    of the worker's loop for 16k tokens), and what is added is never kept by reference."""
+    first = {"content": [{"token": "a"}]}
+    gathered = extend_logprobs(None, first)
+    first["content"].append({"token": "changed"})
+    more = {"content": [{"token": "b"}]}
+    assert extend_logprobs(gathered, more) is gathered
+    more["content"].append({"token": "changed"})
+    assert gathered == {"content": [{"token": "a"}, {"token": "b"}]}
+    cmpl = extend_logprobs(None, {"tokens": ["x"], "text_offset": [0]})
+    extend_logprobs(cmpl, {"tokens": ["y"], "text_offset": [1]})
+    assert cmpl == {"tokens": ["x", "y"], "text_offset": [0, 1]}
