@@ -45,6 +45,33 @@ class Engine(Protocol):
     async def shutdown(self) -> None: ...
 
 
+def has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_dtype(settings: Settings) -> str:
+    """DTYPE `auto` means the checkpoint's dtype on a GPU, float32 on a CPU: vLLM's CPU
+    build in bf16 was seen to derail the default model's greedy answers ("L'Étoile, la
+    Marseillaise" instead of "The capital of France is Paris."). Here, not in the vLLM
+    adapter, so what a worker runs with can be known without importing vllm (the parity
+    tests start `vllm serve` with the same)."""
+    if settings.dtype != "auto":
+        return settings.dtype
+    return "auto" if has_cuda() else "float32"
+
+
+def resolve_eager(settings: Settings) -> bool:
+    """ENFORCE_EAGER unset: eager on a CPU, CUDA graphs on a GPU."""
+    return settings.enforce_eager if settings.enforce_eager is not None else not has_cuda()
+
+
+def max_num_seqs(settings: Settings) -> int:
+    """Sequences the engine batches: one per slot at least; `n` > 1 needs more."""
+    return max(256, settings.worker_slots)
+
+
 def build_engine(settings: Settings) -> Engine:
     if settings.engine == "fake":
         from worker.fake_engine import FakeEngine

@@ -20,6 +20,7 @@ from typing import Any
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
+from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
 from vllm.utils.async_utils import merge_async_iterators
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -28,7 +29,7 @@ from vllm.v1.metrics.loggers import PrometheusStatLogger
 from common.jobs import ChoiceDelta, JobRequest, SamplingSpec
 from common.settings import Settings
 from worker.chat_template import read_chat_template, with_chat_template
-from worker.engine import EngineRequestError
+from worker.engine import EngineRequestError, max_num_seqs, resolve_dtype, resolve_eager
 from worker.openai_output import (
     REQUEST_ERRORS,
     OpenAIFrontend,
@@ -63,19 +64,18 @@ PLAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
-def resolve_dtype(dtype: str) -> str:
-    """`auto` means the checkpoint's dtype on a GPU, float32 on a CPU: vLLM's CPU build
-    in bf16 derails the default model's greedy answers (measured: "L'Étoile, la
-    Marseillaise" instead of "The capital of France is Paris.")."""
-    if dtype != "auto":
-        return dtype
-    return "auto" if _has_cuda() else "float32"
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
+def plain_deltas(output: RequestOutput, base: int = 0) -> list[ChoiceDelta]:
+    """A plain job's step: each output's text, tokens and end (choice `base + index`)."""
+    return [
+        ChoiceDelta(
+            index=base + o.index,
+            text=o.text,
+            token_ids=list(o.token_ids),
+            finish_reason=finish_reason(o.finish_reason),
+            stop_reason=o.stop_reason,
+        )
+        for o in output.outputs
+    ]
 
 
 class VllmEngine:
@@ -97,12 +97,11 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=s.model_path,
             served_model_name=[s.model_name],
-            dtype=resolve_dtype(s.dtype),  # type: ignore[arg-type]
+            dtype=resolve_dtype(s),  # type: ignore[arg-type]
             max_model_len=s.max_model_len,  # type: ignore[arg-type]  # None: the model's own
-            enforce_eager=s.enforce_eager if s.enforce_eager is not None else not _has_cuda(),
+            enforce_eager=resolve_eager(s),
             gpu_memory_utilization=s.gpu_memory_utilization,
-            # One sequence per slot at least; `n` > 1 needs more.
-            max_num_seqs=max(256, s.worker_slots),
+            max_num_seqs=max_num_seqs(s),
             # Stats on, recorded by vLLM's Prometheus logger only: its `vllm:*` metrics go
             # into this process's default registry, which the worker serves (worker/metrics.py).
             # Not the default LoggingStatLogger, whose periodic lines nobody asked for.
@@ -172,16 +171,7 @@ class VllmEngine:
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
         try:
             async for output in self.llm.generate(prompt, params, request_id=request_id):
-                yield [
-                    ChoiceDelta(
-                        index=o.index,
-                        text=o.text,
-                        token_ids=list(o.token_ids),
-                        finish_reason=finish_reason(o.finish_reason),
-                        stop_reason=o.stop_reason,
-                    )
-                    for o in output.outputs
-                ]
+                yield plain_deltas(output)
         except ValueError as exc:
             # vLLM validates the prompt against the context length, etc.
             raise EngineRequestError(str(exc)) from exc
@@ -215,16 +205,7 @@ class VllmEngine:
         ]
         try:
             async for p, output in merge_async_iterators(*streams):
-                yield [
-                    ChoiceDelta(
-                        index=p * n + o.index,
-                        text=o.text,
-                        token_ids=list(o.token_ids),
-                        finish_reason=finish_reason(o.finish_reason),
-                        stop_reason=o.stop_reason,
-                    )
-                    for o in output.outputs
-                ]
+                yield plain_deltas(output, base=p * n)
         except ValueError as exc:
             raise EngineRequestError(str(exc)) from exc
         finally:

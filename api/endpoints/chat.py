@@ -20,7 +20,7 @@ import anyio
 from redis.exceptions import RedisError
 
 from api.auth import Principal
-from api.catalog import ModelCatalog
+from api.catalog import ChatTokenizer, ModelCatalog
 from api.jobs.pipeline import JobConflictError, JobNotFoundError, JobPipeline
 from api.limits import check_chat_limits
 from api.metrics import RequestTimer, observe_queue_wait
@@ -137,19 +137,21 @@ def resolve_max_tokens(
     return wanted
 
 
-def check_token_ids(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:
-    """Token ids a request names must be in the model's vocabulary (as vLLM checks them)."""
-    for key in req.logit_bias or {}:
-        if int(key) >= vocab_size:
+def check_token_ids(
+    req: ChatCompletionRequest | CompletionRequest, vocab_size: int, prompts: list[list[int]] | None = None
+) -> None:
+    """Token ids a request names (and its token-id `prompts`) must be in the model's
+    vocabulary (as vLLM checks them)."""
+    named = [
+        ("logit_bias", [int(key) for key in req.logit_bias or {}]),
+        ("stop_token_ids", req.stop_token_ids or []),
+        *(("prompt", p) for p in prompts or []),
+    ]
+    for param, ids in named:
+        bad = next((t for t in ids if t >= vocab_size), None)
+        if bad is not None:
             raise InvalidRequestError(
-                f"logit_bias: token id {key} is out of vocabulary (the model has {vocab_size} tokens)",
-                param="logit_bias",
-            )
-    for token in req.stop_token_ids or []:
-        if token >= vocab_size:
-            raise InvalidRequestError(
-                f"stop_token_ids: token id {token} is out of vocabulary (the model has {vocab_size} tokens)",
-                param="stop_token_ids",
+                f"{param}: token id {bad} is out of vocabulary (the model has {vocab_size} tokens)", param=param
             )
 
 
@@ -356,6 +358,13 @@ class JobAdapter:
     async def prepare(self, req: Any, job_id: str | None = None, owner: str = "") -> JobRecord:
         raise NotImplementedError
 
+    async def model(self, name: str) -> tuple[ModelCard, ChatTokenizer]:
+        """A live model's card and tokenizer (404 if none serves it, 503 without Redis)."""
+        try:
+            return await self.catalog.get(name)
+        except RedisError as exc:
+            raise ServiceUnavailableError("cannot reach Redis") from exc
+
     # -- reading ----------------------------------------------------------------------
 
     def not_found(self, job_id: str) -> JobNotFoundError:
@@ -541,10 +550,7 @@ class ChatAdapter(JobAdapter):
             raise InvalidRequestError(f"n must be at most {self.settings.max_n}", param="n")
         # Messages, their text and n × max_tokens, before anything is tokenized.
         choice_max_tokens = check_chat_limits(req, self.settings)
-        try:
-            card, tokenizer = await self.catalog.get(req.model)
-        except RedisError as exc:
-            raise ServiceUnavailableError("cannot reach Redis") from exc
+        card, tokenizer = await self.model(req.model)
         check_tool_support(req, card)
         check_token_ids(req, tokenizer.vocab_size)
         prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, req)

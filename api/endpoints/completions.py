@@ -10,8 +10,6 @@ import asyncio
 import uuid
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from api.auth import Principal
 from api.endpoints.chat import (
     JobAdapter,
@@ -21,7 +19,7 @@ from api.endpoints.chat import (
     sampling_from_request,
 )
 from api.relay import Subscription
-from common.errors import InvalidRequestError, ServiceUnavailableError
+from common.errors import InvalidRequestError
 from common.jobs import JobOptions, JobRecord, JobRequest, OutputSpec
 from common.schemas import CompletionRequest
 
@@ -67,17 +65,8 @@ class CompletionAdapter(JobAdapter):
     async def prepare(self, req: CompletionRequest, job_id: str | None = None, owner: str = "") -> JobRecord:
         prompts = req.prompt_list()
         choice_max_tokens = self._limits(req, prompts)
-        try:
-            card, tokenizer = await self.catalog.get(req.model)
-        except RedisError as exc:
-            raise ServiceUnavailableError("cannot reach Redis") from exc
-        check_token_ids(req, tokenizer.vocab_size)
-        for p in prompts:
-            if isinstance(p, list) and any(t >= tokenizer.vocab_size for t in p):
-                raise InvalidRequestError(
-                    f"prompt: token ids must be below the model's vocabulary size ({tokenizer.vocab_size})",
-                    param="prompt",
-                )
+        card, tokenizer = await self.model(req.model)
+        check_token_ids(req, tokenizer.vocab_size, [p for p in prompts if isinstance(p, list)])
 
         def tokenize() -> list[list[int]]:
             return [tokenizer.encode(p, req.add_special_tokens) if isinstance(p, str) else p for p in prompts]

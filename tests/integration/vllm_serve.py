@@ -32,21 +32,10 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+from stack import free_port  # noqa: E402
+
 TOOL_CALL_PARSER = "hermes"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def worker_engine_args() -> list[str]:
@@ -54,11 +43,10 @@ def worker_engine_args() -> list[str]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from common.settings import get_settings
+    from worker.engine import max_num_seqs, resolve_dtype, resolve_eager
 
     s = get_settings()
-    cuda = _has_cuda()
-    dtype = s.dtype if s.dtype != "auto" else ("auto" if cuda else "float32")
-    eager = s.enforce_eager if s.enforce_eager is not None else not cuda
+    dtype, eager = resolve_dtype(s), resolve_eager(s)
     args = [
         "--model",
         s.model_path,
@@ -69,7 +57,7 @@ def worker_engine_args() -> list[str]:
         "--gpu-memory-utilization",
         str(s.gpu_memory_utilization),
         "--max-num-seqs",
-        str(max(256, s.worker_slots)),
+        str(max_num_seqs(s)),
     ]
     if s.max_model_len is not None:
         args += ["--max-model-len", str(s.max_model_len)]
@@ -81,7 +69,7 @@ def worker_engine_args() -> list[str]:
 @dataclass
 class VllmServe:
     log_path: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)
     popen: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
@@ -179,7 +167,7 @@ if __name__ == "__main__":
     # SIGTERM ends it like Ctrl-C: the server's group is stopped on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = VllmServe(
-        log_path=ROOT / "var" / "vllm-serve.log", port=int(os.environ.get("VLLM_SERVE_PORT", "0")) or _free_port()
+        log_path=ROOT / "var" / "vllm-serve.log", port=int(os.environ.get("VLLM_SERVE_PORT", "0")) or free_port()
     )
     print(" ".join(server.command()), flush=True)
     try:
