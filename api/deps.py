@@ -11,6 +11,7 @@ from api.batches.service import BatchService
 from api.catalog import ModelCatalog
 from api.endpoints.chat import ChatAdapter
 from api.endpoints.completions import CompletionAdapter
+from api.endpoints.responses import ResponsesAdapter
 from common.settings import Settings
 
 
@@ -20,6 +21,10 @@ def _chat(request: Request) -> ChatAdapter:
 
 def _completions(request: Request) -> CompletionAdapter:
     return request.app.state.completions  # type: ignore[no-any-return]
+
+
+def _responses(request: Request) -> ResponsesAdapter:
+    return request.app.state.responses  # type: ignore[no-any-return]
 
 
 def _catalog(request: Request) -> ModelCatalog:
@@ -36,6 +41,7 @@ def _batches(request: Request) -> BatchService:
 
 ChatDep = Annotated[ChatAdapter, Depends(_chat)]
 CompletionsDep = Annotated[CompletionAdapter, Depends(_completions)]
+ResponsesDep = Annotated[ResponsesAdapter, Depends(_responses)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 BatchesDep = Annotated[BatchService, Depends(_batches)]

@@ -20,6 +20,7 @@ from api.batches.service import BatchService
 from api.catalog import ModelCatalog
 from api.endpoints.chat import ChatAdapter
 from api.endpoints.completions import CompletionAdapter
+from api.endpoints.responses import ResponsesAdapter
 from api.errors import install_error_handlers
 from api.files import FileStore
 from api.jobs.pipeline import JobPipeline
@@ -30,7 +31,7 @@ from api.openapi import customize_openapi
 from api.relay import StreamRelay
 from api.request_log import RequestLogMiddleware
 from api.routes import batches as batch_routes
-from api.routes import chat, completions, health, models
+from api.routes import chat, completions, health, models, responses
 from api.routes import files as file_routes
 from common.job_queue import JobQueue
 from common.logs import setup_logging
@@ -52,8 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pipeline = JobPipeline(settings, redis, relay, queue, Admission(settings, redis))
         chat_adapter = ChatAdapter(settings, pipeline, catalog)
         completions = CompletionAdapter(settings, pipeline, catalog)
+        responses_adapter = ResponsesAdapter(settings, pipeline, catalog)
         files = FileStore(redis, Path(settings.files_dir), settings.upload_max_bytes)
-        runner = BatchRunner(settings, redis, files, chat_adapter, pipeline, completions)
+        runner = BatchRunner(settings, redis, files, chat_adapter, pipeline, completions, responses_adapter)
         app.state.settings = settings
         app.state.redis = redis
         app.state.relay = relay
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.pipeline = pipeline
         app.state.chat = chat_adapter
         app.state.completions = completions
+        app.state.responses = responses_adapter
         app.state.files = files
         app.state.batches = BatchService(redis, files, runner)
         reaper = Reaper(pipeline.store, queue.submit, settings)
@@ -101,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(responses.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(file_routes.router)

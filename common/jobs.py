@@ -161,6 +161,9 @@ class JobRecord(BaseModel):
     # Set on the jobs of a batch: which batch, and the line's custom_id.
     batch: str | None = None
     custom_id: str | None = None
+    # A Responses API job (`resp_...`): what the response object adds to its chat job
+    # (common.responses.ResponseMeta). Removed when the response is deleted.
+    response: dict[str, Any] | None = None
 
     def to_redis(self) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -13,7 +13,9 @@ from common.batches import BatchError
 
 ENDPOINT = "/v1/chat/completions"
 # The endpoints a batch may run; every line's url is its batch's endpoint.
-ENDPOINTS = (ENDPOINT, "/v1/completions")
+ENDPOINTS = (ENDPOINT, "/v1/completions", "/v1/responses")
+# A line's job id prefix, by its batch's endpoint.
+JOB_PREFIXES = {ENDPOINT: "chatcmpl-", "/v1/completions": "cmpl-", "/v1/responses": "resp_"}
 WINDOW_SECONDS = {"24h": 24 * 3600}
 
 
@@ -25,10 +27,11 @@ class InputLine(BaseModel):
 
 
 def line_job_id(batch_id: str, endpoint: str, line: int) -> str:
-    """The job id of a batch's input line: `chatcmpl-...`, or `cmpl-...` in a batch of
-    `/v1/completions` (deterministic: re-dispatching is idempotent)."""
+    """The job id of a batch's input line: `chatcmpl-...`, `cmpl-...` in a batch of
+    `/v1/completions`, `resp_...` in one of `/v1/responses` (deterministic:
+    re-dispatching is idempotent)."""
     job_id = keys.batch_job_id(batch_id, line)
-    return "cmpl-" + job_id.removeprefix("chatcmpl-") if endpoint == "/v1/completions" else job_id
+    return JOB_PREFIXES.get(endpoint, "chatcmpl-") + job_id.removeprefix("chatcmpl-")
 
 
 def scan_input(path: Path, max_lines: int, max_bytes: int, endpoint: str = ENDPOINT) -> tuple[int, list[BatchError]]:

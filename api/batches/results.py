@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from api.batches.input import InputLine, iter_lines, line_job_id
 from api.endpoints.chat import completion_object
+from api.endpoints.responses import result_object
 from api.files import FileStore
 from common import keys
 from common.batches import BatchObject, BatchStatus
@@ -50,12 +51,12 @@ async def _write_chunk(
     for (index, line), raw in zip(chunk, raws, strict=True):
         request_id = line_job_id(batch.id, batch.endpoint, index)
         entry: dict[str, Any] = {
-            "id": f"batch_req_{request_id.removeprefix('chatcmpl-').removeprefix('cmpl-')}",
+            "id": f"batch_req_{request_id.removeprefix('chatcmpl-').removeprefix('cmpl-').removeprefix('resp_')}",
             "custom_id": line.custom_id,
         }
         record = JobRecord.from_redis(raw) if raw else None
         if record is not None and record.status == JobStatus.completed:
-            body = completion_object(record)
+            body = result_object(record) if record.response is not None else completion_object(record)
             entry |= {"response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
             out_f.write(json.dumps(entry) + "\n")
             completed += 1

@@ -35,6 +35,7 @@ from api.batches.records import read_batch, set_fields
 from api.batches.results import write_results
 from api.endpoints.chat import ChatAdapter
 from api.endpoints.completions import CompletionAdapter
+from api.endpoints.responses import ResponsesAdapter
 from api.errors import _union_tag
 from api.files import FileStore
 from api.jobs.pipeline import JobPipeline
@@ -43,6 +44,7 @@ from common.batches import BatchErrors, BatchObject, BatchStatus
 from common.errors import InvalidRequestError, ServiceError
 from common.jobs import JobRecord, JobStatus
 from common.logs import job_fields, log_event
+from common.responses import ResponsesRequest
 from common.schemas import ChatCompletionRequest, CompletionRequest
 from common.settings import Settings
 from common.workers import live_workers
@@ -96,12 +98,14 @@ class BatchRunner:
         chat: ChatAdapter,
         pipeline: JobPipeline,
         completions: CompletionAdapter | None = None,
+        responses: ResponsesAdapter | None = None,
     ):
         self.settings = settings
         self.redis = redis
         self.files = files
         self.chat = chat
         self.completions = completions
+        self.responses = responses
         self.pipeline = pipeline
         self.owner = uuid.uuid4().hex
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -302,6 +306,11 @@ class BatchRunner:
             if batch.endpoint == "/v1/completions" and self.completions is not None:
                 completion = CompletionRequest.model_validate({**line.body, "stream": False})
                 record = await self.completions.prepare(completion, job_id=job_id)
+            elif batch.endpoint == "/v1/responses" and self.responses is not None:
+                body = {**line.body, "stream": False, "background": False}
+                record = await self.responses.prepare(
+                    ResponsesRequest.model_validate(body), job_id=job_id, owner=batch.owner
+                )
             else:
                 chat = ChatCompletionRequest.model_validate({**line.body, "stream": False})
                 record = await self.chat.prepare(chat, job_id=job_id)

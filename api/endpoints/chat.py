@@ -47,6 +47,7 @@ from common.jobs import (
     new_job_id,
 )
 from common.logs import log_event
+from common.responses import RESPONSE_PREFIX
 from common.schemas import ChatCompletionRequest, CompletionRequest, NamedToolChoice, Usage
 from common.settings import Settings
 
@@ -71,6 +72,8 @@ class JobView:
     # The job's attempt when the view was read: a reader starting from the beginning of a
     # job that cannot continue skips the deltas of attempts before it (superseded).
     attempt: int = 0
+    # A response (`kind` "response"): its ResponseMeta, as stored in the record.
+    response: dict[str, Any] | None = None
 
 
 def view_of(record: JobRecord, kind: str) -> JobView:
@@ -85,6 +88,7 @@ def view_of(record: JobRecord, kind: str) -> JobView:
         kind=kind,
         continuable=request.continuable if request else True,
         attempt=record.attempt,
+        response=record.response,
     )
 
 
@@ -271,6 +275,8 @@ def result_choices(record: JobRecord, kind: str) -> list[dict[str, Any]]:
 
 
 def kind_of(record: JobRecord) -> str:
+    if record.id.startswith(RESPONSE_PREFIX):
+        return "response"
     output = record.request.output if record.request else None
     if output is not None:
         return output.api
@@ -501,6 +507,10 @@ class JobAdapter:
                     await self.pipeline.cancel(job.id, quiet=True, source="disconnect")
         _, record = await self.view(job.id, caller)
         observe_queue_wait(job.model, record.created, record.started)  # metrics, from the record read anyway
+        return await self.final_object(record)
+
+    async def final_object(self, record: JobRecord) -> dict[str, Any]:
+        """An ended job as a non-streamed request answers it."""
         return completion_object(record, self.kind)
 
     async def observe_queue_wait(self, job: JobView) -> None:

@@ -1,0 +1,405 @@
+"""ResponsesAdapter: OpenAI's Responses API (`/v1/responses`) on the job pipeline.
+
+A response is a chat job (`resp_...`): its request becomes chat messages (instructions,
+the conversation of `previous_response_id`, its input items) and a chat request, which
+the chat endpoint validates, tokenizes and queues as it would its own; what the
+Responses API adds is kept in the record (`JobRecord.response`). Every reader of a
+response, live or resumed (`starting_after`), on any API process, gets the events
+`common.responses.ResponseTranslator` makes of the job's replay log: the same events,
+with the same sequence numbers, whoever reads them and whenever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from api.auth import Principal
+from api.endpoints.chat import ChatAdapter, JobView, view_of
+from api.jobs.pipeline import JobNotFoundError
+from api.metrics import RequestTimer
+from api.relay import Subscription
+from common import keys
+from common.errors import InvalidRequestError, ServiceError, ServiceUnavailableError
+from common.jobs import ChoiceResult, JobOptions, JobRecord
+from common.responses import (
+    CHAT_PARAM_NAMES,
+    FINAL_STATUS,
+    RESPONSE_PREFIX,
+    ResponseMeta,
+    ResponsesRequest,
+    ResponseTranslator,
+    chat_body,
+    meta_of,
+    new_response_id,
+    response_object,
+    usage_object,
+)
+from common.schemas import ChatCompletionRequest
+
+# How long a cancel or delete waits for a running response to end.
+CANCEL_WAIT_SECONDS = 3.0
+
+
+def _dumps(body: dict[str, Any]) -> str:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def _chat_param(param: str | None) -> str | None:
+    """A chat-side parameter as the Responses API names it."""
+    if not param:
+        return param
+    head, _, rest = param.partition(".")
+    if head in CHAT_PARAM_NAMES:
+        if head == "messages":
+            return "input"  # message indexes do not map onto input items
+        return CHAT_PARAM_NAMES[head] + (f".{rest}" if rest else "")
+    return param
+
+
+def _as_response_error(exc: ValidationError) -> InvalidRequestError:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if isinstance(p, str | int)]
+    extra = (first.get("ctx") or {}).get("param")
+    if isinstance(extra, str) and extra:
+        loc.append(extra)
+    param = _chat_param(".".join(loc) or None)
+    return InvalidRequestError(f"{param}: {first['msg']}" if param else str(first["msg"]), param=param)
+
+
+class ResponsesAdapter(ChatAdapter):
+    kind = "response"
+    noun = "response"
+    path = "/v1/responses"
+
+    # -- creating ---------------------------------------------------------------------
+
+    async def prepare(  # type: ignore[override]
+        self, req: ResponsesRequest, job_id: str | None = None, owner: str = ""
+    ) -> JobRecord:
+        job_id = job_id or new_response_id()
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id:
+            history = await self.history_of(req.previous_response_id, Principal(key_id=owner))
+        meta = meta_of(req, job_id.removeprefix(RESPONSE_PREFIX), history)
+        try:
+            chat = ChatCompletionRequest.model_validate(chat_body(req, meta))
+        except ValidationError as exc:
+            raise _as_response_error(exc) from exc
+        try:
+            record = await super().prepare(chat, job_id=job_id, owner=owner)
+        except InvalidRequestError as exc:
+            exc.param = _chat_param(exc.param)
+            raise
+        record.response = meta.model_dump(mode="json")
+        record.options = JobOptions(stream=req.stream, include_usage=True, background=req.background)
+        return record
+
+    async def submit(  # type: ignore[override]
+        self, req: ResponsesRequest, caller: Principal
+    ) -> tuple[JobView, Subscription | None, dict[str, str]]:
+        return await self._submit(req, caller, {"input": req.input, "instructions": req.instructions})  # type: ignore[arg-type]
+
+    async def history_of(self, response_id: str, caller: Principal) -> list[dict[str, Any]]:
+        """The conversation a response continuing `response_id` starts from."""
+        record = await self.pipeline.get(response_id)
+        if record is None or not self._visible(record, caller):
+            raise JobNotFoundError(
+                f"Previous response with id '{response_id}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        if not record.status.terminal:
+            raise InvalidRequestError(
+                f"Previous response '{response_id}' is still {record.status.value}; continue from it once it "
+                "has ended.",
+                param="previous_response_id",
+            )
+        meta = ResponseMeta.model_validate(record.response)
+        output = (await self.object_of(record))["output"]
+        return meta.next_history(output)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def not_found(self, job_id: str) -> JobNotFoundError:
+        return JobNotFoundError(f"Response with id '{job_id}' not found.", param="response_id")
+
+    @staticmethod
+    def _visible(record: JobRecord, caller: Principal, stored: bool = True) -> bool:
+        """A response of the caller's (deleted ones and other keys' do not exist for
+        it; with `stored`, nor do those created with `store: false`)."""
+        return (
+            record.id.startswith(RESPONSE_PREFIX)
+            and record.response is not None
+            and (not stored or bool(record.response.get("store", True)))
+            and caller.owns(record.owner)
+        )
+
+    async def view(self, job_id: str, caller: Principal, stored: bool = False) -> tuple[JobView, JobRecord]:
+        """The response, if `caller` may see it (with `stored`: only if it was stored,
+        as every route but its own creation requires)."""
+        record = await self.pipeline.get(job_id)
+        if record is None or not self._visible(record, caller, stored):
+            raise self.not_found(job_id)
+        return view_of(record, self.kind), record
+
+    def translator(self, job: JobView | JobRecord) -> ResponseTranslator:
+        if isinstance(job, JobRecord):
+            request = job.request
+            return ResponseTranslator(
+                job.id,
+                job.model,
+                job.created,
+                ResponseMeta.model_validate(job.response or {}),
+                continuable=request.continuable if request else True,
+                attempt=job.attempt,
+            )
+        return ResponseTranslator(
+            job.id,
+            job.model,
+            job.created,
+            ResponseMeta.model_validate(job.response or {}),
+            continuable=job.continuable,
+            attempt=job.attempt,
+        )
+
+    async def object_of(self, record: JobRecord) -> dict[str, Any]:
+        """The response object: its output as its stream shows it (the job's log through
+        the translator), its status from the log's end or, before it, the record."""
+        translator = self.translator(record)
+        translator.start()
+        try:
+            log = await self.pipeline.store.log(record.id)
+        except RedisError as exc:
+            raise ServiceUnavailableError("cannot reach Redis") from exc
+        for ev in log:
+            translator.feed(ev.kind, ev.attempt, ev.choices, ev.usage, ev.error)
+            if translator.ended:
+                break
+        if not translator.ended:
+            translator.status = "queued" if record.status.value == "queued" else "in_progress"
+            if record.status.terminal:
+                # Ended with no end event in its log (should not happen): the record says how.
+                translator.status = {"completed": "completed", "failed": "failed"}.get(record.status.value, "cancelled")
+                translator.error = record.error
+        return translator.snapshot(completed_at=record.finished)
+
+    async def get(self, job_id: str, caller: Principal) -> dict[str, Any]:
+        _, record = await self.view(job_id, caller, stored=True)
+        return await self.object_of(record)
+
+    async def final_object(self, record: JobRecord) -> dict[str, Any]:
+        return await self.object_of(record)
+
+    async def input_items(
+        self,
+        job_id: str,
+        caller: Principal,
+        limit: int = 20,
+        order: str = "desc",
+        after: str | None = None,
+        before: str | None = None,
+    ) -> dict[str, Any]:
+        """`GET /v1/responses/{id}/input_items`: this response's own input items, a page."""
+        _, record = await self.view(job_id, caller, stored=True)
+        items = list(ResponseMeta.model_validate(record.response).input)
+        if order == "desc":
+            items.reverse()
+        ids = [item["id"] for item in items]
+        start, end = 0, len(items)
+        if after is not None:
+            if after not in ids:
+                raise InvalidRequestError(f"No input item with id '{after}' in this response.", param="after")
+            start = ids.index(after) + 1
+        if before is not None:
+            if before not in ids:
+                raise InvalidRequestError(f"No input item with id '{before}' in this response.", param="before")
+            end = ids.index(before)
+        page = items[start:end][:limit]
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": start + len(page) < end,
+        }
+
+    # -- streaming --------------------------------------------------------------------
+
+    async def stream(  # type: ignore[override]
+        self,
+        job: JobView,
+        subscription: Subscription | None = None,
+        after: int = -1,
+        cancel_on_disconnect: bool = False,
+        shutdown: anyio.Event | None = None,
+        timer: RequestTimer | None = None,
+        with_ids: bool = False,
+    ) -> AsyncIterator[dict[str, str]]:
+        """The response's events after sequence number `after` (-1: all), as `event:` /
+        `data:` pairs, live until its last (`response.completed`, `.incomplete`,
+        `.failed`, `.cancelled`, or an `error`). The whole log is translated every time
+        (the numbers are the translator's, not the log's) and what the reader has is
+        skipped. Leaving an ordinary stream cancels its response; a server shutting down
+        does not."""
+        translator = self.translator(job)
+        finished = False
+
+        def sse(event: dict[str, Any]) -> dict[str, str]:
+            return {"event": event["type"], "data": _dumps(event)}
+
+        try:
+            for event in translator.start():
+                if event["sequence_number"] > after:
+                    yield sse(event)
+            try:
+                async for ev in self.pipeline.follow(job.id, -1, subscription):
+                    events = translator.feed(ev.kind, ev.attempt, ev.choices, ev.usage, ev.error)
+                    sent = False
+                    for event in events:
+                        if event["sequence_number"] > after:
+                            sent = True
+                            yield sse(event)
+                    if sent and timer is not None and ev.kind == "delta":
+                        timer.content_sent()  # metrics: sent (the next one is asked for)
+                    if translator.ended:
+                        break
+            except ServiceError as exc:
+                body = exc.to_dict()["error"]
+                yield sse(
+                    {
+                        "type": "error",
+                        "sequence_number": translator.seq + 1,
+                        "code": body.get("code"),
+                        "message": body.get("message"),
+                        "param": body.get("param"),
+                    }
+                )
+            except RedisError:
+                yield sse(
+                    {
+                        "type": "error",
+                        "sequence_number": translator.seq + 1,
+                        "code": "service_unavailable",
+                        "message": "lost the connection to Redis mid-stream",
+                        "param": None,
+                    }
+                )
+            finished = True
+            if timer is not None:
+                timer.ended()
+        finally:
+            leaving = not finished and cancel_on_disconnect and not (shutdown is not None and shutdown.is_set())
+            if leaving:
+                with anyio.CancelScope(shield=True):
+                    await self.pipeline.cancel(job.id, quiet=True, source="disconnect")
+            if timer is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.observe_queue_wait(job)
+
+    # -- cancelling and deleting -------------------------------------------------------
+
+    async def _end(self, job_id: str, caller: Principal) -> JobRecord:
+        """Cancel the response if it has not ended; the record once it has (or after
+        CANCEL_WAIT_SECONDS)."""
+        _, record = await self.view(job_id, caller, stored=True)
+        if not record.status.terminal:
+            await self.pipeline.cancel(job_id, source="client")
+            deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+            _, record = await self.view(job_id, caller)
+            while not record.status.terminal and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                _, record = await self.view(job_id, caller)
+        return record
+
+    async def cancel(self, job_id: str, caller: Principal) -> dict[str, Any]:
+        """Idempotent: an ended response comes back as it is."""
+        return await self.object_of(await self._end(job_id, caller))
+
+    async def delete(self, job_id: str, caller: Principal) -> dict[str, Any]:
+        """Forget a response (cancelled first if it runs): it is a 404 from now on, for
+        reads, streams and `previous_response_id`. An ended one's record and log go at
+        once; a running one's (still being written) expire with their TTL."""
+        record = await self._end(job_id, caller)
+        try:
+            await self.pipeline.redis.hdel(keys.job(job_id), "response")
+            if record.status.terminal:
+                await self.pipeline.redis.delete(keys.job(job_id), keys.job_log(job_id))
+        except RedisError as exc:
+            raise ServiceUnavailableError("cannot reach Redis") from exc
+        return {"id": job_id, "object": "response", "deleted": True}
+
+
+def output_from_result(choice: ChoiceResult | None, base: str) -> list[dict[str, Any]]:
+    """A response's output items from its job's result (batch output, where no stream
+    was followed): reasoning, message, function calls, ids as the translator makes them."""
+    if choice is None:
+        return []
+    message = choice.message or {"content": choice.text}
+    items: list[dict[str, Any]] = []
+    reasoning = message.get("reasoning") or message.get("reasoning_content")
+    if reasoning:
+        index = len(items)
+        items.append(
+            {
+                "id": f"rs_{base}_{index}",
+                "type": "reasoning",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": reasoning}],
+                "status": "completed",
+            }
+        )
+    if message.get("content"):
+        index = len(items)
+        items.append(
+            {
+                "id": f"msg_{base}_{index}",
+                "type": "message",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": message["content"], "annotations": [], "logprobs": []}],
+            }
+        )
+    for k, call in enumerate(message.get("tool_calls") or []):
+        index = len(items)
+        fn = call.get("function") or {}
+        items.append(
+            {
+                "id": f"fc_{base}_{index}",
+                "type": "function_call",
+                "status": "completed",
+                "call_id": call.get("id") or f"call_{base}_{k}",
+                "name": fn.get("name") or "",
+                "arguments": fn.get("arguments") or "",
+            }
+        )
+    return items
+
+
+def result_object(record: JobRecord) -> dict[str, Any]:
+    """An ended response's object from its job's result alone (a batch's output)."""
+    meta = ResponseMeta.model_validate(record.response or {})
+    choice = record.result.choices[0] if record.result and record.result.choices else None
+    finish = choice.finish_reason if choice is not None else None
+    status, incomplete = FINAL_STATUS.get(finish or "stop", ("completed", None))
+    if record.status.value in ("failed", "cancelled"):
+        status, incomplete = record.status.value, None
+    return response_object(
+        record.id,
+        record.model,
+        record.created,
+        meta,
+        status,
+        output_from_result(choice, record.id.removeprefix(RESPONSE_PREFIX)),
+        usage_object(record.usage),
+        record.error if status == "failed" else None,
+        incomplete,
+        record.finished,
+    )
