@@ -97,6 +97,19 @@ def watch(client: Client, batch_id: str, out: Path | None, interval: float = 1.0
     return 0 if batch["status"] == "completed" else 1
 
 
+def first_url(path: Path) -> str:
+    """The url of a batch file's first line (every line's must be the batch's endpoint)."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    url = json.loads(raw).get("url")
+                except (ValueError, AttributeError):
+                    break
+                return url if isinstance(url, str) else "/v1/chat/completions"
+    return "/v1/chat/completions"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmq", description="llmq batch client")
     parser.add_argument("--base-url", default=os.environ.get("LLMQ_BASE_URL", "http://localhost:8000/v1"))
@@ -107,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("file", type=Path)
     submit.add_argument("--out", type=Path, default=Path("."), help="where the output and error files go")
     submit.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument(
+        "--endpoint", default=None, help="the batch's endpoint (default: the url of the file's first line)"
+    )
     status = batch.add_parser("status", help="show a batch")
     status.add_argument("batch_id")
     status.add_argument("--watch", action="store_true", help="follow it with a progress bar until it ends")
@@ -116,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "submit":
         metadata = dict(kv.split("=", 1) for kv in args.metadata) or None
+        endpoint = args.endpoint or first_url(args.file)
         with open(args.file, "rb") as f:
             uploaded = client.call("POST", "/files", files={"file": (args.file.name, f)}, data={"purpose": "batch"})
         created = client.call(
@@ -123,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "/batches",
             json={
                 "input_file_id": uploaded["id"],
-                "endpoint": "/v1/chat/completions",
+                "endpoint": endpoint,
                 "completion_window": "24h",
                 "metadata": metadata,
             },

@@ -133,6 +133,7 @@ class ResponsesRequest(BaseModel):
 
     @model_validator(mode="after")
     def _supported(self) -> ResponsesRequest:
+        normalize_input(self.input, "")  # every item is one this service takes (400s name the item)
         if self.background and not self.store:
             raise param_error("background", "background responses must be stored: store must not be false")
         for i, tool in enumerate(self.tools or []):
@@ -582,7 +583,8 @@ class ResponseTranslator:
         for c in choices:
             if c.index == 0 and c.finish_reason:
                 self.finish = c.finish_reason
-        events = self._close()
+        truncated = kind != "error" and FINAL_STATUS.get(self.finish or "stop", ("completed", None))[1] is not None
+        events = self._close("incomplete" if truncated else "completed")
         if kind == "error":
             body = error or {}
             body = body.get("error", body) if isinstance(body.get("error"), dict) else body
@@ -725,14 +727,15 @@ class ResponseTranslator:
             )
         return events
 
-    def _close(self) -> list[dict[str, Any]]:
-        """The `.done` events of the open item."""
+    def _close(self, status: str = "completed") -> list[dict[str, Any]]:
+        """The `.done` events of the open item (`status`: "incomplete" for the last item
+        of an answer cut short by max_output_tokens, as OpenAI marks it)."""
         if self._open is None:
             return []
         index, kind = self._open
         self._open = None
         item = self.output[index]
-        item["status"] = "completed"
+        item["status"] = status
         events: list[dict[str, Any]] = []
         if kind == "function_call":
             events.append(

@@ -356,6 +356,7 @@ def output_from_result(choice: ChoiceResult | None, base: str) -> list[dict[str,
                 "status": "completed",
             }
         )
+    calls = message.get("tool_calls") or []
     if message.get("content"):
         index = len(items)
         items.append(
@@ -367,7 +368,7 @@ def output_from_result(choice: ChoiceResult | None, base: str) -> list[dict[str,
                 "content": [{"type": "output_text", "text": message["content"], "annotations": [], "logprobs": []}],
             }
         )
-    for k, call in enumerate(message.get("tool_calls") or []):
+    for k, call in enumerate(calls):
         index = len(items)
         fn = call.get("function") or {}
         items.append(
@@ -380,6 +381,8 @@ def output_from_result(choice: ChoiceResult | None, base: str) -> list[dict[str,
                 "arguments": fn.get("arguments") or "",
             }
         )
+    if items and choice.finish_reason == "length":
+        items[-1]["status"] = "incomplete"  # cut short, as the stream's last item
     return items
 
 
