@@ -25,6 +25,7 @@ from common.schemas import (
     INT32_MAX,
     INT64_MAX,
     INT64_MIN,
+    _nullable,
     _valid_unicode,
     drop_nulls_and_refuse,
     param_error,
@@ -69,13 +70,226 @@ PASSED_THROUGH = (
 MAX_METADATA_KEYS = 16
 
 
+# -- the documented request schema (OpenAPI) ------------------------------------------
+# It says exactly what the validators accept: ResponsesRequest's, `normalize_input`'s and
+# those of the chat request that answers it (`chat_body`: a tool's name of at most 256
+# characters, a description a string, stop sequences as chat's, at least one message).
+# The checks stay in the validators, whose messages clients see. Inside input items,
+# tools and formats nothing is nullable that the validators do not read as absent.
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def _parts_schema() -> dict[str, Any]:
+    """Content parts (`_text_of`): text parts with their `text`, or refusals."""
+    return {
+        "type": "array",
+        "items": {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "required": ["type", "text"],
+                    "properties": {"type": {"enum": list(_TEXT_PARTS)}, "text": {"type": "string"}},
+                },
+                {
+                    "type": "object",
+                    "required": ["type", "refusal"],
+                    "properties": {"type": {"const": "refusal"}, "refusal": {"type": "string"}},
+                },
+            ]
+        },
+    }
+
+
+def _input_item_schema() -> dict[str, Any]:
+    """An input item `normalize_input` takes."""
+    text = {"anyOf": [{"type": "string"}, _parts_schema()]}
+    return {
+        "oneOf": [
+            {
+                "title": "Message",
+                "description": "A message (`type` may be left out).",
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {
+                    "type": {"const": "message"},
+                    "role": {"enum": ["user", "system", "developer", "assistant"]},
+                    "content": text,
+                },
+            },
+            {
+                "title": "FunctionCall",
+                "type": "object",
+                "required": ["type", "call_id", "name", "arguments"],
+                "properties": {
+                    "type": {"const": "function_call"},
+                    "call_id": {"type": "string"},
+                    "name": {"type": "string"},
+                    "arguments": {"type": "string"},
+                },
+            },
+            {
+                "title": "FunctionCallOutput",
+                "type": "object",
+                "required": ["type", "call_id", "output"],
+                "properties": {
+                    "type": {"const": "function_call_output"},
+                    "call_id": {"type": "string"},
+                    "output": text,
+                },
+            },
+            {
+                "title": "Reasoning",
+                "type": "object",
+                "required": ["type"],
+                "properties": {
+                    "type": {"const": "reasoning"},
+                    "content": {"type": ["array", "null"]},
+                    "summary": {"type": ["array", "null"]},
+                },
+            },
+        ]
+    }
+
+
+def _responses_request_schema(schema: dict[str, Any]) -> None:
+    props = schema["properties"]
+    props["input"] = {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "minItems": 1, "items": _input_item_schema()},
+        ],
+        "title": "Input",
+        "description": "A string (one user message) or input items: messages (text only), function calls, "
+        "their outputs, reasoning.",
+    }
+    props["tools"] = {
+        "type": "array",
+        "maxItems": 128,
+        "items": {
+            "type": "object",
+            "required": ["type", "name"],
+            "properties": {
+                "type": {"const": FUNCTION_TOOL},
+                "name": {"type": "string", "minLength": 1, "maxLength": 256},
+                "description": {"type": ["string", "null"]},
+                "parameters": {"type": ["object", "null"]},
+                "strict": {"type": ["boolean", "null"]},
+            },
+        },
+        "title": "Tools",
+        "description": "Function tools only.",
+    }
+    props["tool_choice"] = {
+        "anyOf": [
+            {"enum": ["none", "auto", "required"]},
+            {
+                "type": "object",
+                "required": ["type", "name"],
+                "properties": {
+                    "type": {"const": FUNCTION_TOOL},
+                    "name": {"type": "string", "minLength": 1, "maxLength": 256},
+                },
+            },
+        ],
+        "title": "Tool Choice",
+        "description": "`required` and a named function need tools; a named function must be one of `tools`. "
+        "As on chat, `auto` needs ENABLE_AUTO_TOOL_CHOICE and TOOL_CALL_PARSER on the model's workers, "
+        "`required` and a named function TOOL_CALL_PARSER.",
+    }
+    props["text"] = {
+        "type": "object",
+        "properties": {
+            "format": {
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "required": ["type"],
+                        "properties": {"type": {"enum": ["text", "json_object"]}},
+                    },
+                    {
+                        "type": "object",
+                        "required": ["type", "name", "schema"],
+                        "properties": {
+                            "type": {"const": "json_schema"},
+                            "name": {"type": "string", "minLength": 1},
+                            "schema": {"type": "object"},
+                            "description": {"type": ["string", "null"]},
+                            "strict": {"type": ["boolean", "null"]},
+                        },
+                    },
+                    {"type": "null"},
+                ]
+            }
+        },
+        "title": "Text",
+    }
+    props["reasoning"] = {
+        "type": "object",
+        "properties": {"effort": {"enum": [*REASONING_EFFORTS, None]}},
+        "title": "Reasoning",
+    }
+    props["metadata"] = {
+        "type": "object",
+        "maxProperties": MAX_METADATA_KEYS,
+        "propertyNames": {"maxLength": 64},
+        "additionalProperties": {"type": "string", "maxLength": 512},
+        "title": "Metadata",
+        "description": f"Up to {MAX_METADATA_KEYS} string values (keys up to 64 characters, values up to 512).",
+    }
+    props["stop"] = {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 16},
+        ],
+        "title": "Stop",
+        "description": "Up to 16 non-empty stop sequences.",
+    }
+    for name, allowed in REFUSED_RESPONSES.items():
+        props[name] = {"enum": list(allowed), "title": name, "description": "Not supported (only its default)."}
+    for name in list(props):
+        if name not in schema.get("required", []):
+            props[name] = _nullable(props[name])
+    schema["allOf"] = [
+        # background: true only if stored.
+        {
+            "anyOf": [
+                {"properties": {"background": {"enum": [False, None]}}},
+                {"properties": {"store": {"enum": [True, None]}}},
+            ]
+        },
+        # required or a named function needs tools.
+        {
+            "anyOf": [
+                {"properties": {"tool_choice": {"enum": ["none", "auto", None]}}},
+                {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+            ]
+        },
+        # At least one chat message: an item other than reasoning, instructions, or the
+        # conversation of `previous_response_id`.
+        {
+            "anyOf": [
+                {"properties": {"input": {"type": "string"}}},
+                {
+                    "properties": {
+                        "input": {
+                            "contains": {"not": {"required": ["type"], "properties": {"type": {"const": "reasoning"}}}}
+                        }
+                    }
+                },
+                {"required": ["instructions"], "properties": {"instructions": {"type": "string", "minLength": 1}}},
+                {"required": ["previous_response_id"], "properties": {"previous_response_id": {"type": "string"}}},
+            ]
+        },
+    ]
+
+
 class ResponsesRequest(BaseModel):
     """`POST /v1/responses`. OpenAI's `null` means "not given"; unknown fields are
     ignored (user, service_tier, safety_identifier, prompt_cache_key, ...); built-in
     tools, files, images, prompt templates, conversations and `include` are refused with
     a 400 naming them."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_responses_request_schema)
 
     model: str = Field(min_length=1)
     input: str | list[dict[str, Any]]
@@ -397,8 +611,11 @@ def chat_body(req: ResponsesRequest, meta: ResponseMeta) -> dict[str, Any]:
             {
                 "type": "function",
                 "function": {
-                    k: v for k, v in t.items() if k in ("name", "description", "parameters", "strict") and v is not None
-                },
+                    k: v for k, v in t.items() if k in ("name", "description", "parameters") and v is not None
+                }
+                # Strict unless the client says otherwise (OpenAI's default for Responses, as
+                # the response object shows): vLLM then holds the arguments to the schema.
+                | ({"strict": t.get("strict", True)} if t.get("strict", True) is not None else {}),
             }
             for t in req.tools
         ]
@@ -429,7 +646,7 @@ def usage_object(usage: Any) -> dict[str, Any] | None:
         return None
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.total_tokens,
@@ -481,6 +698,26 @@ def response_object(
     }
 
 
+# The codes of OpenAI's `response.error` (its SDK takes no other).
+ERROR_CODES = ("server_error", "rate_limit_exceeded", "invalid_prompt")
+
+
+def response_error(error: dict[str, Any] | None) -> dict[str, Any]:
+    """A job's error (`{code, message, type, ...}`, possibly under "error") as a
+    response's: OpenAI's code (`invalid_prompt` for a request the engine refused,
+    `server_error` for the rest), llmq's own (worker_lost, queue_timeout, ...) leading
+    the message."""
+    body = error or {}
+    if isinstance(body.get("error"), dict):
+        body = body["error"]
+    own = body.get("code")
+    message = str(body.get("message") or "the response failed")
+    if own in ERROR_CODES:
+        return {"code": own, "message": message}
+    code = "invalid_prompt" if body.get("type") == "invalid_request_error" else "server_error"
+    return {"code": code, "message": f"{own}: {message}" if own else message}
+
+
 # A job's finish reason -> the response's status (and its incomplete_details reason).
 FINAL_STATUS = {
     "stop": ("completed", None),
@@ -508,11 +745,11 @@ WORKER_LOST_MESSAGE = (
 class ResponseTranslator:
     """Turns a response's job events (its replay log, then live events) into Responses
     events, numbered from 0. Deterministic: the same log gives the same events, ids and
-    numbers, whoever reads it and whenever. `continuable`: a lost worker's next attempt
-    continues the answer (a plain text job); if not, a reader that started after the
-    restart (`attempt` at the time it read the record) skips the earlier attempts'
-    output, and one that saw it gets an `error` event (`worker_lost`) and the stream
-    ends."""
+    numbers, whoever reads it and whenever (what one reader is sent of them is
+    `ResponseReader`'s business). `continuable`: a lost worker's next attempt continues
+    the answer (a plain text job); if not, the output of the attempt it superseded is
+    dropped when the next one's begins (the numbers go on), so the response shows only
+    the last attempt's output."""
 
     def __init__(
         self,
@@ -521,7 +758,6 @@ class ResponseTranslator:
         created: float,
         meta: ResponseMeta,
         continuable: bool = True,
-        attempt: int = 0,
     ):
         self.id = response_id
         self.model = model
@@ -529,14 +765,14 @@ class ResponseTranslator:
         self.meta = meta
         self.base = response_id.removeprefix(RESPONSE_PREFIX)
         self.continuable = continuable
-        self.attempt = attempt
         self.seq = -1
         self.output: list[dict[str, Any]] = []
         # The open item: its output index and kind ("message", "reasoning", "function_call").
         self._open: tuple[int, str] | None = None
         # Tool call index (in the chat deltas) -> output index of its function_call item.
         self._calls: dict[int, int] = {}
-        self._shown_attempt: int | None = None
+        # The attempt whose output `output` holds (None: no output yet).
+        self.output_attempt: int | None = None
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
         self.status = "queued" if meta.background else "in_progress"
@@ -578,6 +814,9 @@ class ResponseTranslator:
         """One job event (`delta`, `done` or `error`) as Responses events."""
         if self.ended:
             return []
+        if not self.continuable and self.output_attempt is not None and attempt != self.output_attempt:
+            # The job started over: the superseded attempt's output is dropped, unfinished.
+            self.output, self._open, self._calls, self.output_attempt = [], None, {}, None
         if kind == "delta":
             return self._delta(attempt, choices)
         for c in choices:
@@ -586,10 +825,8 @@ class ResponseTranslator:
         truncated = kind != "error" and FINAL_STATUS.get(self.finish or "stop", ("completed", None))[1] is not None
         events = self._close("incomplete" if truncated else "completed")
         if kind == "error":
-            body = error or {}
-            body = body.get("error", body) if isinstance(body.get("error"), dict) else body
             self.status, self.incomplete = "failed", None
-            self.error = {"code": body.get("code") or "server_error", "message": body.get("message") or "failed"}
+            self.error = response_error(error)
         else:
             self.status, self.incomplete = FINAL_STATUS.get(self.finish or "stop", ("completed", None))
             if self.status == "failed":
@@ -600,19 +837,6 @@ class ResponseTranslator:
         return events
 
     def _delta(self, attempt: int, choices: list[Any]) -> list[dict[str, Any]]:
-        if not self.continuable:
-            if self._shown_attempt is None and attempt < self.attempt:
-                return []  # a superseded attempt's output: this reader has none of it
-            if self._shown_attempt is not None and attempt != self._shown_attempt:
-                self.ended = True
-                return [
-                    self._event(
-                        "error",
-                        code="worker_lost",
-                        message=WORKER_LOST_MESSAGE.format(id=self.id),
-                        param=None,
-                    )
-                ]
         events: list[dict[str, Any]] = []
         for c in choices:
             if c.index != 0:
@@ -626,7 +850,7 @@ class ResponseTranslator:
             if c.finish_reason:
                 self.finish = c.finish_reason
         if events:
-            self._shown_attempt = attempt
+            self.output_attempt = attempt
         return events
 
     def _text(self, kind: str, delta: str) -> list[dict[str, Any]]:
@@ -769,3 +993,65 @@ class ResponseTranslator:
 
 def _copy(item: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(item))
+
+
+# Events that carry no attempt's output (every reader gets them).
+_LIFECYCLE = ("response.created", "response.in_progress")
+
+
+class ResponseReader:
+    """What one reader, whose cursor is `after` (-1: it has nothing), is sent of a
+    response's events (a `ResponseTranslator`'s, fed the whole log from the start).
+
+    A plain response (continuable) is its events after the cursor. One that starts over
+    when its worker is lost: the reader "has" the attempt of the last output event at or
+    before its cursor. Events of an attempt before `attempt` (the record's when the
+    reader began) that it does not have are skipped (superseded: it will get the last
+    attempt's output whole); events of another attempt than the one it has end its
+    stream with an `error` event (`worker_lost`): it cannot continue without mixing
+    two attempts' output, and reads again from the start or GETs the response."""
+
+    def __init__(self, translator: ResponseTranslator, after: int = -1, attempt: int = 0):
+        self.translator = translator
+        self.after = after
+        self.attempt = attempt
+        self.has: int | None = None
+        self.ended = False
+
+    def start(self) -> list[dict[str, Any]]:
+        return [e for e in self.translator.start() if e["sequence_number"] > self.after]
+
+    def feed(
+        self, kind: str, attempt: int, choices: list[Any], usage: Any = None, error: Any = None
+    ) -> list[dict[str, Any]]:
+        if self.ended:
+            return []
+        out: list[dict[str, Any]] = []
+        for event in self.translator.feed(kind, attempt, choices, usage, error):
+            seq = event["sequence_number"]
+            if self.translator.continuable or event["type"] in _LIFECYCLE:
+                if seq > self.after:
+                    out.append(event)
+                continue
+            if seq <= self.after:
+                self.has = attempt  # the reader has this one
+                continue
+            if self.has is not None and attempt != self.has:
+                self.ended = True
+                out.append(
+                    {
+                        "type": "error",
+                        "sequence_number": seq,
+                        "code": "worker_lost",
+                        "message": WORKER_LOST_MESSAGE.format(id=self.translator.id),
+                        "param": None,
+                    }
+                )
+                return out
+            if self.has is None and attempt < self.attempt:
+                continue  # a superseded attempt's output, of which the reader has nothing
+            self.has = attempt
+            out.append(event)
+        if self.translator.ended:
+            self.ended = True
+        return out

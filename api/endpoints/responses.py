@@ -34,11 +34,13 @@ from common.responses import (
     FINAL_STATUS,
     RESPONSE_PREFIX,
     ResponseMeta,
+    ResponseReader,
     ResponsesRequest,
     ResponseTranslator,
     chat_body,
     meta_of,
     new_response_id,
+    response_error,
     response_object,
     usage_object,
 )
@@ -159,7 +161,6 @@ class ResponsesAdapter(ChatAdapter):
                 job.created,
                 ResponseMeta.model_validate(job.response or {}),
                 continuable=request.continuable if request else True,
-                attempt=job.attempt,
             )
         return ResponseTranslator(
             job.id,
@@ -167,7 +168,6 @@ class ResponsesAdapter(ChatAdapter):
             job.created,
             ResponseMeta.model_validate(job.response or {}),
             continuable=job.continuable,
-            attempt=job.attempt,
         )
 
     async def object_of(self, record: JobRecord) -> dict[str, Any]:
@@ -188,7 +188,7 @@ class ResponsesAdapter(ChatAdapter):
             if record.status.terminal:
                 # Ended with no end event in its log (should not happen): the record says how.
                 translator.status = {"completed": "completed", "failed": "failed"}.get(record.status.value, "cancelled")
-                translator.error = record.error
+                translator.error = response_error(record.error) if record.status.value == "failed" else None
         return translator.snapshot(completed_at=record.finished)
 
     async def get(self, job_id: str, caller: Principal) -> dict[str, Any]:
@@ -250,26 +250,27 @@ class ResponsesAdapter(ChatAdapter):
         skipped. Leaving an ordinary stream cancels its response; a server shutting down
         does not."""
         translator = self.translator(job)
+        reader = ResponseReader(translator, after, job.attempt)
         finished = False
 
         def sse(event: dict[str, Any]) -> dict[str, str]:
             return {"event": event["type"], "data": _dumps(event)}
 
         try:
-            for event in translator.start():
-                if event["sequence_number"] > after:
-                    yield sse(event)
+            for event in reader.start():
+                yield sse(event)
             try:
                 async for ev in self.pipeline.follow(job.id, -1, subscription):
-                    events = translator.feed(ev.kind, ev.attempt, ev.choices, ev.usage, ev.error)
-                    sent = False
+                    events = reader.feed(ev.kind, ev.attempt, ev.choices, ev.usage, ev.error)
                     for event in events:
-                        if event["sequence_number"] > after:
-                            sent = True
-                            yield sse(event)
-                    if sent and timer is not None and ev.kind == "delta":
+                        if event["type"] == "response.completed":
+                            # The stored response, as GET shows it: completed_at is the
+                            # record's (written with this last event, in one step).
+                            await self._stamp_completed(event, job.id)
+                        yield sse(event)
+                    if events and timer is not None and ev.kind == "delta":
                         timer.content_sent()  # metrics: sent (the next one is asked for)
-                    if translator.ended:
+                    if reader.ended:
                         break
             except ServiceError as exc:
                 body = exc.to_dict()["error"]
@@ -303,6 +304,16 @@ class ResponsesAdapter(ChatAdapter):
             if timer is not None:
                 with anyio.CancelScope(shield=True):
                     await self.observe_queue_wait(job)
+
+    async def _stamp_completed(self, event: dict[str, Any], job_id: str) -> None:
+        """A `response.completed` event's response gets its `completed_at` from the
+        record, as `object_of` gives it (the same on every replay)."""
+        try:
+            finished = await self.pipeline.redis.hget(keys.job(job_id), "finished")
+        except RedisError:
+            return
+        if finished is not None:
+            event["response"]["completed_at"] = int(float(finished))
 
     # -- cancelling and deleting -------------------------------------------------------
 
@@ -402,7 +413,7 @@ def result_object(record: JobRecord) -> dict[str, Any]:
         status,
         output_from_result(choice, record.id.removeprefix(RESPONSE_PREFIX)),
         usage_object(record.usage),
-        record.error if status == "failed" else None,
+        response_error(record.error) if status == "failed" else None,
         incomplete,
         record.finished,
     )
