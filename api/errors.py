@@ -49,7 +49,10 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     if not errors:
         return InvalidRequestError("invalid request")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p)]
+    where = list(first.get("loc", ()))
+    if where and where[0] in ("query", "path", "header", "cookie"):
+        where = where[1:]  # the parameter as sent (`starting_after`, not `query.starting_after`)
+    loc = [str(p) for p in where if p != "body" and not _union_tag(p)]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
