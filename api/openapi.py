@@ -7,8 +7,9 @@
   400s (`api.errors`), never FastAPI's 422, so every 422 goes; every operation but the
   public health checks needs a bearer API key (`api.auth`): the `bearerAuth` security
   scheme, and a 401 with `WWW-Authenticate`; any request may get a 431 (`api.limits`).
-  Also: the chat limits that are settings (`n`, `messages`, `max_tokens`), optional
-  parameters without FastAPI's `null` (HTTP has none), integer bounds as exact integers.
+  Also: the chat and Responses limits that are settings (`n`, `messages`, `max_tokens`,
+  `input`), optional parameters without FastAPI's `null` (HTTP has none), integer bounds
+  as exact integers.
 
 `tests/unit/test_openapi.py` checks the document; `tests/integration/test_fuzz.py` fuzzes
 the running stack against it (schemathesis).
@@ -199,6 +200,16 @@ def _configured_completion_limits(props: dict[str, Any], settings: Settings) -> 
     _cap(props["max_tokens"], "maximum", settings.max_total_completion_tokens)
 
 
+def _configured_responses_limits(props: dict[str, Any], settings: Settings) -> None:
+    """The Responses request limits that are settings: those of the chat request that
+    answers it (`check_chat_limits`). Each input item is at most one chat message and the
+    instructions one more (a `previous_response_id`'s conversation adds its own)."""
+    for branch in props["input"].get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["maxItems"] = max(1, settings.max_messages - 1)
+    _cap(props["max_output_tokens"], "maximum", settings.max_total_completion_tokens)
+
+
 def _cap(prop: dict[str, Any], key: str, value: int) -> None:
     for branch in prop.get("anyOf", [prop]):
         if branch.get("type") == "integer":
@@ -239,6 +250,9 @@ def fix_document(doc: dict[str, Any], settings: Settings | None = None) -> dict[
     completion = schemas.get("CompletionRequest")
     if settings is not None and completion is not None:
         _configured_completion_limits(completion["properties"], settings)
+    responses = schemas.get("ResponsesRequest")
+    if settings is not None and responses is not None:
+        _configured_responses_limits(responses["properties"], settings)
     components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
         "type": "http",
         "scheme": "bearer",

@@ -469,6 +469,9 @@ def normalize_input(value: str | list[dict[str, Any]], base: str) -> list[dict[s
                 }
             )
         elif kind == "reasoning":
+            for name in ("content", "summary"):
+                if item.get(name) is not None and not isinstance(item[name], list):
+                    raise param_error(f"{where}.{name}", f"a reasoning item's {name} must be a list of parts")
             texts = [p.get("text", "") for p in item.get("content") or [] if isinstance(p, dict)]
             texts = texts or [p.get("text", "") for p in item.get("summary") or [] if isinstance(p, dict)]
             out.append(
@@ -610,9 +613,7 @@ def chat_body(req: ResponsesRequest, meta: ResponseMeta) -> dict[str, Any]:
         body["tools"] = [
             {
                 "type": "function",
-                "function": {
-                    k: v for k, v in t.items() if k in ("name", "description", "parameters") and v is not None
-                }
+                "function": {k: v for k, v in t.items() if k in ("name", "description", "parameters") and v is not None}
                 # Strict unless the client says otherwise (OpenAI's default for Responses, as
                 # the response object shows): vLLM then holds the arguments to the schema.
                 | ({"strict": t.get("strict", True)} if t.get("strict", True) is not None else {}),

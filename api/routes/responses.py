@@ -26,6 +26,29 @@ STREAM_DESCRIPTION = (
     "`response.completed`, `response.incomplete`, `response.failed` or `response.cancelled`)."
 )
 RESPONSE_OBJECT = {"application/json": {"schema": {"type": "object", "description": "A `response` object."}}}
+# One event of a Responses stream (OpenAPI 3.1: a text/event-stream `schema` describes each
+# event): `event` is its type, `data` the event as JSON (an `error` event too).
+RESPONSE_EVENT = {
+    "schema": {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string", "description": "The event's `type`."},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {
+                    "type": "object",
+                    "required": ["type", "sequence_number"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "sequence_number": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
+        },
+    }
+}
 
 
 @router.post(
@@ -35,7 +58,7 @@ RESPONSE_OBJECT = {"application/json": {"schema": {"type": "object", "descriptio
         200: {
             "description": "A `response`; with `background`, the queued response; with `stream`, its events. "
             + STREAM_DESCRIPTION,
-            "content": {**RESPONSE_OBJECT, "text/event-stream": {"schema": {"type": "string"}}},
+            "content": {**RESPONSE_OBJECT, "text/event-stream": RESPONSE_EVENT},
             "headers": {"X-Request-Id": REQUEST_ID, **RATE_LIMIT_HEADERS},
         },
         **error_responses(
@@ -70,10 +93,10 @@ async def create_response(
         200: {
             "description": "The `response` (its output so far); with `stream=true`, its events from the start "
             "or after `starting_after`, then live until its end. " + STREAM_DESCRIPTION,
-            "content": {**RESPONSE_OBJECT, "text/event-stream": {"schema": {"type": "string"}}},
+            "content": {**RESPONSE_OBJECT, "text/event-stream": RESPONSE_EVENT},
             "headers": {"X-Request-Id": REQUEST_ID},
         },
-        **error_responses(400, 404, 503),
+        **error_responses(400, 404, 503, e400="`stream` or `starting_after` (an event number, -1 up) is invalid."),
     },
 )
 async def retrieve_response(
@@ -134,7 +157,12 @@ async def delete_response(response_id: str, responses: ResponsesDep, caller: Pri
             "description": "A list of the response's input items.",
             "content": {"application/json": {"schema": {"type": "object"}}},
         },
-        **error_responses(400, 404, 503),
+        **error_responses(
+            400,
+            404,
+            503,
+            e400="`limit` or `order` is invalid, or `after` / `before` names no input item of the response.",
+        ),
     },
 )
 async def list_input_items(

@@ -5,10 +5,11 @@ random fuzzing), and every response checked against it: no 5xx, a documented sta
 content type, headers and body (SSE events included), schema-valid requests accepted,
 405s with `Allow`, 401 without a key.
 
-To reach generation, a valid chat request names the real model most of the time, and
-asks for a few tokens of at most two choices (the engine is a 135M model on CPU). Path
-ids are generated (unknown: 404) or, for a share of the cases, ids that exist (a job, a
-file, a batch made here, the model). Seeded (derandomized): the same cases every run."""
+To reach generation, a valid chat (or Responses) request names the real model most of
+the time, and asks for a few tokens of at most two choices (the engine is a 135M model on
+CPU). Path ids are generated (unknown: 404) or, for a share of the cases, ids that exist
+(a job, a file, a batch, a response made here, the model). Seeded (derandomized): the same
+cases every run."""
 
 from __future__ import annotations
 
@@ -89,13 +90,21 @@ def resources(stack: Any, http: httpx.Client, model: str) -> dict[str, Any]:
         "/v1/batches",
         json={"input_file_id": files[0], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
     ).json()
-    # files[1] is the one a generated DELETE may remove.
+    responses = [
+        http.post("/v1/responses", json={"model": model, "input": "Hi", "max_output_tokens": MAX_TOKENS}).json()["id"]
+        for _ in range(2)
+    ]
+    items = http.get(f"/v1/responses/{responses[0]}/input_items").json()["data"]
+    # files[1] and responses[1] are the ones a generated DELETE may remove.
     return {
         "completion_id": job["id"],
         "file_id": files[0],
         "deletable_file_id": files[1],
         "batch_id": batch["id"],
         "model_id": model,
+        "response_id": responses[0],
+        "deletable_response_id": responses[1],
+        "input_item_id": items[0]["id"],
     }
 
 
@@ -118,9 +127,19 @@ def _steer(case: schemathesis.Case, model: str, resources: dict[str, Any]) -> No
     """Point a share of the cases at things that exist, and keep generation short."""
     positive = case.meta is None or case.meta.generation.mode.is_positive
     for name in list(case.path_parameters or {}):
-        real = resources.get("deletable_file_id" if (name, case.method) == ("file_id", "DELETE") else name)
+        real = resources.get(f"deletable_{name}" if case.method == "DELETE" else name, resources.get(name))
         if real is not None and _share(case, name, 3):
             case.path_parameters[name] = real
+    if positive and case.path == "/v1/responses/{response_id}/input_items" and case.query:
+        # The `after` / `before` cursors must name an input item of the response (a 400
+        # otherwise): a relation to stored data, which no static schema says. A third name
+        # the real response's item, the others go.
+        for key in ("after", "before"):
+            if key in case.query:
+                if _share(case, key, 3):
+                    case.query[key] = resources["input_item_id"]
+                else:
+                    del case.query[key]
     body = case.body
     if not positive or not isinstance(body, dict):
         return  # an invalid request is left as generated: it must be refused as it is
@@ -155,8 +174,46 @@ def _steer(case: schemathesis.Case, model: str, resources: dict[str, Any]) -> No
                 [int(t) % 1000 for t in p[:8]] if isinstance(p, list) else p if isinstance(p, str) else int(p) % 1000
                 for p in prompt
             ]
+    elif case.path == "/v1/responses" and case.method == "POST":
+        _steer_response(case, body, model, resources)
     elif case.path == "/v1/batches" and case.method == "POST" and _share(case, "input_file_id", 4):
         body["input_file_id"] = resources["file_id"]
+
+
+def _steer_response(case: schemathesis.Case, body: dict[str, Any], model: str, resources: dict[str, Any]) -> None:
+    """A valid `POST /v1/responses` is steered as a valid chat request is: the real model
+    four times in five, a few tokens, nothing only a model can validate."""
+    if not _share(case, "model", 5):
+        body["model"] = model
+    if body.get("stream") is None and _share(case, "stream", 4):
+        body["stream"] = True  # generated bodies seldom set it: a share of them streams
+    wanted = body.get("max_output_tokens")
+    cap = min(MAX_TOKENS, wanted) if isinstance(wanted, int) else MAX_TOKENS
+    body["max_output_tokens"] = cap
+    body["min_tokens"] = min(body.get("min_tokens") or 0, cap)
+    for key in ("logit_bias", "stop_token_ids", "structured_outputs"):
+        body.pop(key, None)  # not Responses fields (ignored), but never any model's vocabulary
+    text = body.get("text")
+    if isinstance(text, dict) and isinstance(text.get("format"), dict) and text["format"].get("type") == "json_schema":
+        text["format"] = {"type": "json_object"}  # a generated schema may not compile for the engine
+    if isinstance(body.get("tool_choice"), dict) or body.get("tool_choice") == "required":
+        # Forced calls compile the tool's (generated) schema; and that a named function is
+        # one of `tools` (a relation between two values) is more than a static schema says.
+        body["tool_choice"] = "auto"
+    # A generated previous_response_id names nothing (a 404): point a third of them at a
+    # stored response, or at least those whose only chat messages would be its conversation
+    # (reasoning items alone, no instructions); drop the others. A long input is not given
+    # one (its conversation adds to the messages counted against MAX_MESSAGES).
+    if body.get("previous_response_id") is not None:
+        items = body["input"] if isinstance(body.get("input"), list) else []
+        alone = bool(items) and all(i.get("type") == "reasoning" for i in items) and not body.get("instructions")
+        if (alone or _share(case, "previous_response_id", 3)) and len(items) < 1000:
+            body["previous_response_id"] = resources["response_id"]
+        elif alone:
+            body["instructions"] = "Hi"
+            del body["previous_response_id"]
+        else:
+            del body["previous_response_id"]
 
 
 @pytest.fixture(autouse=True)
@@ -184,9 +241,10 @@ def test_fuzz_openapi(case: schemathesis.Case, model: str, resources: dict[str, 
         response = case.call_and_validate()
     declared = case.method == case.operation.method.upper()
     SEEN[case.operation.label if declared else "undeclared methods"][response.status_code] += 1
-    generating = ("POST /v1/chat/completions", "POST /v1/completions")
+    generating = ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses")
     if declared and case.operation.label in generating and response.status_code == 200:
-        GENERATED["streamed" if "event-stream" in response.headers.get("content-type", [""])[0] else "json"] += 1
+        streamed = "event-stream" in response.headers.get("content-type", [""])[0]
+        GENERATED[f"{case.operation.label} ({'streamed' if streamed else 'json'})"] += 1
 
 
 def test_fuzz_covered_everything(fuzz_schema: schemathesis.BaseSchema, http: httpx.Client) -> None:
@@ -195,9 +253,10 @@ def test_fuzz_covered_everything(fuzz_schema: schemathesis.BaseSchema, http: htt
     print(f"\nfuzzed {sum(sum(c.values()) for c in SEEN.values())} cases; statuses per operation:")
     for label in sorted(SEEN):
         print(f"  {label}: {dict(sorted(SEEN[label].items()))}")
-    print(f"  chat completions generated on the engine: {dict(GENERATED)}")
+    print(f"  generated on the engine: {dict(sorted(GENERATED.items()))}")
     assert operations <= set(SEEN), f"never fuzzed: {sorted(operations - set(SEEN))}"
     assert sum(GENERATED.values()) >= 5
+    assert sum(n for label, n in GENERATED.items() if label.startswith("POST /v1/responses ")) >= 1
     # Leave no fuzzing batch running behind the tests that follow.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -1087,6 +1087,9 @@ WEB = {"type": "web_search"}
         ({"tools": [WEB]}, "tools.0.type"),
         ({"tools": [TOOL, {"type": "file_search", "vector_store_ids": ["vs"]}]}, "tools.1.type"),
         ({"tools": [{"type": "function"}]}, "tools.0.name"),
+        # A reasoning item's content or summary that is not a list (was a 500: iterated).
+        ({"input": [{"type": "reasoning", "content": 5}, {"role": "user", "content": "hi"}]}, "input.0.content"),
+        ({"input": [{"type": "reasoning", "summary": True}, {"role": "user", "content": "hi"}]}, "input.0.summary"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
             "input.0.content.0.type",
