@@ -164,6 +164,9 @@ class JobRecord(BaseModel):
     # A Responses API job (`resp_...`): what the response object adds to its chat job
     # (common.responses.ResponseMeta). Removed when the response is deleted.
     response: dict[str, Any] | None = None
+    # An ended response's object, kept once it has been read (so a GET does not replay
+    # the whole log again).
+    response_final: dict[str, Any] | None = None
 
     def to_redis(self) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -361,6 +361,8 @@ class ResponsesRequest(BaseModel):
                 raise param_error(f"tools.{i}.name", "a function tool needs a name")
             if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
                 raise param_error(f"tools.{i}.parameters", "parameters must be a JSON schema object")
+            if tool.get("strict") is not None and not isinstance(tool["strict"], bool):
+                raise param_error(f"tools.{i}.strict", "strict must be a boolean")
         choice = self.tool_choice
         if isinstance(choice, dict):
             if choice.get("type") != FUNCTION_TOOL or not isinstance(choice.get("name"), str):
@@ -381,6 +383,8 @@ class ResponsesRequest(BaseModel):
                     raise param_error("text.format.schema", "a json_schema format needs a schema object")
                 if not isinstance(fmt.get("name"), str) or not fmt["name"]:
                     raise param_error("text.format.name", "a json_schema format needs a name")
+                if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
+                    raise param_error("text.format.strict", "strict must be a boolean")
         effort = (self.reasoning or {}).get("effort")
         if effort is not None and effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
             raise param_error("reasoning.effort", f"reasoning effort {effort!r} is not supported")
@@ -416,12 +420,16 @@ def normalize_input(value: str | list[dict[str, Any]], base: str) -> list[dict[s
     take (images, files, built-in tool calls, item references)."""
     items = [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else value
     out: list[dict[str, Any]] = []
+    ids: set[str] = set()
     for i, item in enumerate(items):
         where = f"input.{i}"
         if not isinstance(item, dict):
             raise param_error(where, "an input item must be an object")
         kind = item.get("type", "message" if "role" in item else None)
-        item_id = item.get("id") if isinstance(item.get("id"), str) else None
+        # The client's id, unless an earlier item has it (ids page input_items).
+        item_id = item.get("id") if isinstance(item.get("id"), str) and item["id"] not in ids else None
+        if item_id is not None:
+            ids.add(item_id)
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):

@@ -55,8 +55,15 @@ async def _write_chunk(
             "custom_id": line.custom_id,
         }
         record = JobRecord.from_redis(raw) if raw else None
+        responses = batch.endpoint == "/v1/responses"
+        if responses and record is not None and record.response is None and record.request is not None:
+            # Its response was deleted (DELETE /v1/responses/{id}): nothing of it is kept.
+            entry |= {"response": None, "error": {"code": "response_deleted", "message": "the response was deleted"}}
+            err_f.write(json.dumps(entry) + "\n")
+            failed += 1
+            continue
         if record is not None and record.status == JobStatus.completed:
-            body = result_object(record) if record.response is not None else completion_object(record)
+            body = result_object(record) if responses else completion_object(record)
             entry |= {"response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
             out_f.write(json.dumps(entry) + "\n")
             completed += 1

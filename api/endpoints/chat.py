@@ -52,6 +52,8 @@ from common.schemas import ChatCompletionRequest, CompletionRequest, NamedToolCh
 from common.settings import Settings
 
 DONE = "[DONE]"
+# How long cancelling a running job waits for it to end before answering.
+CANCEL_WAIT_SECONDS = 3.0
 log = logging.getLogger(__name__)
 
 
@@ -536,12 +538,17 @@ class JobAdapter:
             raise self.not_found(job_id)
         if before in (JobStatus.completed.value, JobStatus.failed.value):
             raise JobConflictError(f"Job '{job_id}' has already ended ({before}); it cannot be cancelled.")
-        deadline = time.monotonic() + 3.0
+        return job_object(await self.wait_ended(job_id, caller), self.kind)
+
+    async def wait_ended(self, job_id: str, caller: Principal) -> JobRecord:
+        """The job's record once it has ended, or after CANCEL_WAIT_SECONDS (a cancelled
+        running job ends within an engine step or two)."""
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
         _, record = await self.view(job_id, caller)
         while not record.status.terminal and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             _, record = await self.view(job_id, caller)
-        return job_object(record, self.kind)
+        return record
 
 
 class ChatAdapter(JobAdapter):

@@ -11,9 +11,7 @@ with the same sequence numbers, whoever reads them and whenever.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +20,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from api.auth import Principal
-from api.endpoints.chat import ChatAdapter, JobView, view_of
+from api.endpoints.chat import ChatAdapter, JobView, _dumps, view_of
 from api.jobs.pipeline import JobNotFoundError
 from api.metrics import RequestTimer
 from api.relay import Subscription
@@ -46,24 +44,39 @@ from common.responses import (
 )
 from common.schemas import ChatCompletionRequest
 
-# How long a cancel or delete waits for a running response to end.
-CANCEL_WAIT_SECONDS = 3.0
-
-
-def _dumps(body: dict[str, Any]) -> str:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-
 
 def _chat_param(param: str | None) -> str | None:
-    """A chat-side parameter as the Responses API names it."""
+    """A chat-side parameter as the Responses API names it (`tools.0.function.name`:
+    `tools.0.name`; `response_format.json_schema.schema`: `text.format.schema`)."""
     if not param:
         return param
-    head, _, rest = param.partition(".")
-    if head in CHAT_PARAM_NAMES:
-        if head == "messages":
+    parts = param.split(".")
+    if parts[0] == "tools" and len(parts) > 2 and parts[2] == "function":
+        return ".".join(parts[:2] + parts[3:])
+    if parts[0] == "response_format":
+        return ".".join(["text", "format", *(p for p in parts[1:] if p != "json_schema")])
+    if parts[0] in CHAT_PARAM_NAMES:
+        if parts[0] == "messages":
             return "input"  # message indexes do not map onto input items
-        return CHAT_PARAM_NAMES[head] + (f".{rest}" if rest else "")
+        return ".".join([CHAT_PARAM_NAMES[parts[0]], *parts[1:]])
     return param
+
+
+def _renamed(exc: InvalidRequestError) -> InvalidRequestError:
+    """A chat-side 400 as the Responses API names it: its param, and the message's
+    leading `param:` (chat's messages name the field first)."""
+    old, new = exc.param, _chat_param(exc.param)
+    if old and new != old:
+        exc.param = new
+        head, sep, rest = exc.message.partition(":")
+        if sep and head.strip() in (old, old.split(".")[0]):
+            exc.message = f"{new}:{rest}"
+    elif not old:
+        for name, value in (("messages", "input"), ("max_tokens", "max_output_tokens")):
+            if exc.message.startswith(name + ":"):
+                exc.message = value + exc.message[len(name) :]
+    exc.args = (exc.message,)
+    return exc
 
 
 def _as_response_error(exc: ValidationError) -> InvalidRequestError:
@@ -76,16 +89,31 @@ def _as_response_error(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"{param}: {first['msg']}" if param else str(first["msg"]), param=param)
 
 
+# Keep an ended response's object in its record, unless the response was deleted
+# meanwhile (a deleted one's record must not come back, nor lose its TTL).
+_KEEP_FINAL = """
+if redis.call('HEXISTS', KEYS[1], 'response') == 1 then
+  redis.call('HSET', KEYS[1], 'response_final', ARGV[1])
+end
+return 1
+"""
+
+
 class ResponsesAdapter(ChatAdapter):
     kind = "response"
     noun = "response"
     path = "/v1/responses"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._keep = self.pipeline.redis.register_script(_KEEP_FINAL)
 
     # -- creating ---------------------------------------------------------------------
 
     async def prepare(  # type: ignore[override]
         self, req: ResponsesRequest, job_id: str | None = None, owner: str = ""
     ) -> JobRecord:
+        self._limits(req)
         job_id = job_id or new_response_id()
         history: list[dict[str, Any]] = []
         if req.previous_response_id:
@@ -98,11 +126,33 @@ class ResponsesAdapter(ChatAdapter):
         try:
             record = await super().prepare(chat, job_id=job_id, owner=owner)
         except InvalidRequestError as exc:
-            exc.param = _chat_param(exc.param)
+            _renamed(exc)
             raise
         record.response = meta.model_dump(mode="json")
         record.options = JobOptions(stream=req.stream, include_usage=True, background=req.background)
         return record
+
+    def _limits(self, req: ResponsesRequest) -> None:
+        """Input items and their text, before anything is built from them: every item
+        is stored with the response (the chat limits apply to the messages made of
+        them, which are fewer: reasoning items make none, function calls merge)."""
+        settings = self.settings
+        items = [req.input] if isinstance(req.input, str) else req.input
+        most = max(1, settings.max_messages - 1)
+        if len(items) > most:
+            raise InvalidRequestError(
+                f"input: at most {most} input items are allowed, got {len(items)}",
+                param="input",
+                code="array_above_max_length",
+            )
+        chars = len(req.input) if isinstance(req.input, str) else len(json.dumps(req.input, ensure_ascii=False))
+        chars += len(req.instructions or "")
+        if chars > settings.max_prompt_chars:
+            raise InvalidRequestError(
+                f"input: the input holds {chars} characters; at most {settings.max_prompt_chars} are allowed",
+                param="input",
+                code="string_above_max_length",
+            )
 
     async def submit(  # type: ignore[override]
         self, req: ResponsesRequest, caller: Principal
@@ -172,7 +222,10 @@ class ResponsesAdapter(ChatAdapter):
 
     async def object_of(self, record: JobRecord) -> dict[str, Any]:
         """The response object: its output as its stream shows it (the job's log through
-        the translator), its status from the log's end or, before it, the record."""
+        the translator), its status from the log's end or, before it, the record. Once
+        it has ended, the object is kept in the record, and read from there."""
+        if record.status.terminal and record.response_final is not None:
+            return record.response_final
         translator = self.translator(record)
         translator.start()
         try:
@@ -189,7 +242,13 @@ class ResponsesAdapter(ChatAdapter):
                 # Ended with no end event in its log (should not happen): the record says how.
                 translator.status = {"completed": "completed", "failed": "failed"}.get(record.status.value, "cancelled")
                 translator.error = response_error(record.error) if record.status.value == "failed" else None
-        return translator.snapshot(completed_at=record.finished)
+        final = translator.snapshot(completed_at=record.finished)
+        if record.status.terminal and translator.ended:
+            try:
+                await self._keep(keys=[keys.job(record.id)], args=[_dumps(final)])
+            except RedisError:
+                pass  # kept next time
+        return final
 
     async def get(self, job_id: str, caller: Principal) -> dict[str, Any]:
         _, record = await self.view(job_id, caller, stored=True)
@@ -323,11 +382,7 @@ class ResponsesAdapter(ChatAdapter):
         _, record = await self.view(job_id, caller, stored=True)
         if not record.status.terminal:
             await self.pipeline.cancel(job_id, source="client")
-            deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-            _, record = await self.view(job_id, caller)
-            while not record.status.terminal and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-                _, record = await self.view(job_id, caller)
+            record = await self.wait_ended(job_id, caller)
         return record
 
     async def cancel(self, job_id: str, caller: Principal) -> dict[str, Any]:
@@ -340,8 +395,10 @@ class ResponsesAdapter(ChatAdapter):
         once; a running one's (still being written) expire with their TTL."""
         record = await self._end(job_id, caller)
         try:
-            await self.pipeline.redis.hdel(keys.job(job_id), "response")
-            if record.status.terminal:
+            await self.pipeline.redis.hdel(keys.job(job_id), "response", "response_final")
+            # A batch line's record stays (without its response) until its TTL, so the
+            # batch's output says it was deleted rather than that it never ran.
+            if record.status.terminal and record.batch is None:
                 await self.pipeline.redis.delete(keys.job(job_id), keys.job_log(job_id))
         except RedisError as exc:
             raise ServiceUnavailableError("cannot reach Redis") from exc
@@ -398,7 +455,10 @@ def output_from_result(choice: ChoiceResult | None, base: str) -> list[dict[str,
 
 
 def result_object(record: JobRecord) -> dict[str, Any]:
-    """An ended response's object from its job's result alone (a batch's output)."""
+    """An ended response's object (a batch's output): as GET showed it if it did, else
+    from its job's result alone."""
+    if record.response_final is not None:
+        return record.response_final
     meta = ResponseMeta.model_validate(record.response or {})
     choice = record.result.choices[0] if record.result and record.result.choices else None
     finish = choice.finish_reason if choice is not None else None

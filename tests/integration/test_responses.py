@@ -49,6 +49,10 @@ NAMED = {"type": "function", "name": "get_weather"}
 FINAL_EVENTS = {"response.completed", "response.incomplete", "response.failed", "response.cancelled", "error"}
 
 
+# Small, so the input-item limit is cheap to reach.
+MAX_MESSAGES = 64
+
+
 @pytest.fixture(scope="module")
 def rs(tmp_path_factory):
     """Redis, two workers (w1, w2), two API processes on the same Redis (api, api2), with
@@ -68,6 +72,7 @@ def rs(tmp_path_factory):
             "LEASE_SECONDS": "2",
             "REAPER_INTERVAL_SECONDS": "0.5",
             "FILES_DIR": str(logs / "files"),
+            "MAX_MESSAGES": str(MAX_MESSAGES),
         },
     )
     try:
@@ -405,6 +410,61 @@ def test_delete_forgets_a_response(rs, alice):
         assert code == 404, (what, error)
     code, error = status_code_of(calls["previous_response_id"])
     assert error["param"] == "previous_response_id" and error["code"] == "previous_response_not_found"
+
+
+def test_input_items_are_limited_before_anything_is_stored(rs, alice):
+    """Every input item is stored with the response, so their number is limited as chat's
+    messages are, even where they make fewer messages (reasoning items make none): 20,000
+    reasoning items were stored whole (52 MB) and made every GET slow."""
+    items: list[dict[str, Any]] = [{"type": "reasoning", "summary": []}] * (MAX_MESSAGES - 1)
+    ok = alice.responses.create(model=MODEL, input=[*items[1:], {"role": "user", "content": "hi"}], max_output_tokens=4)
+    assert ok.status == "incomplete"
+    code, error = status_code_of(
+        lambda: alice.responses.create(model=MODEL, input=[*items, {"role": "user", "content": "hi"}])
+    )
+    assert (code, error["param"], error["code"]) == (400, "input", "array_above_max_length"), error
+
+
+def test_an_ended_response_is_kept_whole_and_read_from_its_record(rs, alice):
+    """Reading an ended response replays its log once; after that, the object is kept in
+    its record (a GET of a long answer replayed the whole log every time)."""
+    r = plain(alice, "keep me", 24)
+
+    def raw(call: Any) -> dict[str, Any]:
+        return call(r.id).http_response.json()  # type: ignore[no-any-return]
+
+    first = raw(alice.responses.with_raw_response.retrieve)
+    assert json.loads(record(rs, r.id)["response_final"]) == first
+    redis_lib.Redis.from_url(rs.redis_url).delete(keys.job_log(r.id))  # no log to replay now
+    assert raw(alice.responses.with_raw_response.retrieve) == first
+    assert raw(alice.responses.with_raw_response.cancel) == first
+
+
+def test_repeated_input_item_ids_page_to_the_end(alice):
+    """Clients (the Agents SDK) may send one fake id on every item: the pages still end."""
+    items = [{"id": "__fake_id__", "role": "user", "content": f"m{i}"} for i in range(7)]
+    r = alice.responses.create(model=MODEL, input=items, max_output_tokens=4)
+    listed = list(alice.responses.input_items.list(r.id, limit=2))
+    assert [i.content[0].text for i in listed] == [f"m{i}" for i in reversed(range(7))]
+    assert len({i.id for i in listed}) == 7
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"tools": [{"type": "function", "name": "f", "description": 5}]}, "tools.0.description"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {}, "description": 5}}},
+            "text.format.description",
+        ),
+        ({"tools": [{"type": "function", "name": "f", "strict": "yes"}]}, "tools.0.strict"),
+    ],
+)
+def test_errors_name_the_responses_field(alice, extra, param):
+    """A 400 the chat request behind a response raises names the Responses field."""
+    code, error = status_code_of(lambda: plain(alice, "x", 4, extra_body=extra))
+    assert (code, error["param"]) == (400, param), error
+    assert error["message"].startswith(param), error
 
 
 def test_delete_of_a_running_response_cancels_it(rs, alice):
