@@ -439,16 +439,18 @@ class JobStore:
                 values += [name, value if isinstance(value, str | int | float) else json.dumps(value)]
         return await self._finish(keys=self.ending_keys(job_id, model, batch, owner), args=values, client=pipe)
 
-    async def release(self, job_id: str, model: str, attempt: int, worker_id: str, due_now: bool = False) -> int:
+    async def release(self, job_id: str, model: str, attempt: int, worker_id: str, due_in: float | None = None) -> int:
         """Give a job back to the queue: 2 if given back now (the caller then sends its
-        message, or with `due_now` leaves that to the next sweep), 1 if it already was
-        (if that message was lost, the sweeper resends it), 0 if the attempt does not
+        message, or leaves that to the sweep once it is due, `due_in` seconds from now;
+        None: `resend_seconds`, a backstop for a message that was lost), 1 if it already
+        was (if that message was lost, the sweeper resends it), 0 if the attempt does not
         hold the job."""
         now = time.time()
+        due = now + (self.resend_seconds if due_in is None else due_in)
         return int(
             await self._release(
                 keys=[keys.job(job_id), keys.LEASES, keys.QUEUED, keys.waiting(model)],
-                args=[job_id, attempt, worker_id, now, now if due_now else now + self.resend_seconds],
+                args=[job_id, attempt, worker_id, now, due],
             )
         )
 

@@ -57,6 +57,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Exit status of a worker whose engine died (or never started): its supervisor restarts it.
 EXIT_ENGINE_DEAD = 3
+# A dying worker's jobs are queued again at once, but their messages are due (for another
+# process's reaper to send) only this long after: until its process is gone, its Celery
+# consumer still pops messages off the queue, and one it pops on its way out is lost
+# (or stuck unacknowledged for the broker's visibility timeout) until the sweep sends it
+# once more, `queue_resend_seconds` later. Leaving takes well under a second (give back,
+# unregister, `os._exit`); a message lost all the same is still sent again by that sweep.
+DYING_RESEND_DELAY_SECONDS = 5.0
 
 
 def _exit(code: int) -> None:
@@ -279,8 +286,9 @@ class WorkerRuntime:
         log.critical("%s: giving back %d job(s) and exiting", why, len(self._inflight))
         # Every job still listed, and those whose own clean-up is giving them back right
         # now: none may be left to a lapsing lease. Their messages are left to the reaper
-        # of another process (QUEUED, due now): sent from here, this worker could take
-        # them again on its way out.
+        # of another process, due once this one has gone (DYING_RESEND_DELAY_SECONDS):
+        # sent from here, or by another process while this one is still leaving, this
+        # worker's consumer could pop them on its way out and lose them.
         for job_id, attempt in list(self._inflight.items()):
             await self._release(job_id, attempt)
         await asyncio.gather(*list(self._releasing.values()), return_exceptions=True)
@@ -305,7 +313,8 @@ class WorkerRuntime:
             assert self.redis is not None
             raw_model, batch, owner = await self.redis.hmget(keys.job(job_id), ["model", "batch", "owner"])
             model = keys.text(raw_model) if raw_model else self.settings.model_name
-            if await self.store.release(job_id, model, attempt, self.worker_id, due_now=not send) != 2:
+            due_in = None if send else DYING_RESEND_DELAY_SECONDS
+            if await self.store.release(job_id, model, attempt, self.worker_id, due_in=due_in) != 2:
                 return False
             # Logs (issue 9): why: the engine died, the job's log is not where this attempt
             # left it (Redis lost writes), or an error before its end was written.

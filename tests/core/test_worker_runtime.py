@@ -13,11 +13,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import keys
 from common.jobstore import JobStore
+from common.reaper import Reaper
 from common.settings import Settings
 from tests.core.conftest import job
 from tests.core.test_reaper import Sent
+from worker import runtime as runtime_module
 from worker.fake_engine import FakeEngine
-from worker.runtime import EXIT_ENGINE_DEAD, WorkerRuntime, unique_worker_id
+from worker.runtime import DYING_RESEND_DELAY_SECONDS, EXIT_ENGINE_DEAD, WorkerRuntime, unique_worker_id
 
 pytestmark = pytest.mark.asyncio
 
@@ -34,13 +36,17 @@ async def runtime(redis, redis_url):
         queue_resend_seconds=60,
     )
     sent = Sent()
-    exits: list[tuple[int, dict[str, str], list]] = []
+    exits: list[tuple[int, dict[str, str], list, dict[str, float]]] = []
     sync = redis_lib.Redis.from_url(redis_url)
 
     def on_fatal(code: int) -> None:
-        # What a restarted worker, or anyone else, finds at the moment this process exits.
+        # What a restarted worker, or anyone else, finds at the moment this process exits:
+        # each job's status, the messages sent, and how long until each queued job is due
+        # for another process's reaper to send its message.
         statuses = {k.decode(): sync.hget(k, "status").decode() for k in sync.scan_iter("llmq:job:*")}
-        exits.append((code, statuses, list(sent.calls)))
+        now = time.time()
+        due_in = {keys.text(j): score - now for j, score in sync.zrange(keys.QUEUED, 0, -1, withscores=True)}
+        exits.append((code, statuses, list(sent.calls), due_in))
 
     rt = WorkerRuntime(settings, FakeEngine(settings), unique_worker_id("w1@test"), sent, on_fatal=on_fatal)
     await asyncio.to_thread(rt.start)
@@ -134,18 +140,48 @@ async def test_a_dead_engine_gives_jobs_back_unregisters_and_exits(runtime, redi
     runtime.engine.die()
     await asyncio.wait_for(asyncio.gather(*running), 20)
     await wait_until(lambda: _true(len(runtime.exits) == 1))
-    code, at_exit, sent_at_exit = runtime.exits[0]
+    code, at_exit, sent_at_exit, due_at_exit = runtime.exits[0]
     assert code == EXIT_ENGINE_DEAD
     # Every job was given back before the process left (not left to a lapsing lease),
-    # its message left to another process's sweep (due now), so that this worker cannot
-    # take it again on its way out.
+    # its message left to another process's sweep once this one has gone, so that this
+    # worker cannot take it again on its way out.
     assert at_exit == {keys.job(r.id): "queued" for r in records}
     assert sent_at_exit == []
-    for r in records:
-        assert await redis.zscore(keys.QUEUED, r.id) <= time.time()
+    assert all(0 < due_at_exit[r.id] <= DYING_RESEND_DELAY_SECONDS for r in records), due_at_exit
     assert await redis.zscore(keys.WORKERS, runtime.worker_id) is None
     # And it takes no more jobs.
     assert (await asyncio.to_thread(runtime.run_job, records[0].id))["started"] is False
+
+
+async def test_a_dying_worker_s_jobs_are_not_resent_until_it_has_gone(runtime, redis, monkeypatch):
+    """Until its process is gone, a dying worker's Celery consumer still pops messages off
+    its queue, and a message it pops on its way out is lost (or stuck unacknowledged) until
+    the sweep sends it once more, `queue_resend_seconds` later: the job would wait that long
+    for another worker. So another process's reaper, sweeping at the moment the worker
+    gives its jobs back and leaves, must not send their messages yet; it sends them once
+    the worker has gone (DYING_RESEND_DELAY_SECONDS, shortened here)."""
+    monkeypatch.setattr(runtime_module, "DYING_RESEND_DELAY_SECONDS", 0.5)
+    record = await queued(redis, max_tokens=8 * 200)
+    running = asyncio.create_task(asyncio.to_thread(runtime.run_job, record.id))
+    await wait_until(lambda: _len_at_least(redis, record.id, 1))
+    runtime.engine.die()
+    await asyncio.wait_for(running, 20)
+    await wait_until(lambda: _true(len(runtime.exits) == 1))
+    _, at_exit, _, due_at_exit = runtime.exits[0]
+    assert at_exit == {keys.job(record.id): "queued"}
+    # Not due while the worker leaves: a sweep now (another API process or worker) sends nothing.
+    assert due_at_exit[record.id] > 0, due_at_exit
+    await asyncio.to_thread(runtime.stop)  # the process is gone (its own reaper with it)
+    sent = Sent()
+    other = Reaper(JobStore(redis, 3600, 60), sent, Settings(reaper_interval_seconds=0.05, queue_resend_seconds=60))
+    assert await other.sweep_queued() == [] and sent.calls == []
+    # Once it has gone, the next sweep sends the message, once.
+    await wait_until(lambda: _swept(other, record.id))
+    assert sent.calls == [(record.id, "m", keys.CHAT_PRIORITY)]
+
+
+async def _swept(reaper: Reaper, job_id: str) -> bool:
+    return (job_id, "resend") in await reaper.sweep_queued()
 
 
 async def _len_at_least(redis, job_id: str, n: int) -> bool:
