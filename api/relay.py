@@ -17,7 +17,7 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from common import keys
+from common import keys, timing
 from common.errors import ServiceError, ServiceUnavailableError
 from common.jobs import ChunkEvent
 
@@ -184,6 +184,8 @@ class StreamRelay:
             except ValueError:
                 log.error("undecodable event on %s", channel)
                 return
+            if timing.ENABLED and event.seq == 0:
+                timing.stamp(timing.job_of_channel(channel), "relayed")
             for sub in list(readers):
                 sub._deliver(event)
                 if sub.closed and self._drop(sub) and self._pubsub is not None:

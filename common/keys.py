@@ -73,6 +73,11 @@ def job_channel(job_id: str) -> str:
     return f"{PREFIX}chunks:{job_id}"
 
 
+def job_timing(job_id: str) -> str:
+    """Hash: stage -> wall-clock time, a job's stamps for the benchmark (common.timing)."""
+    return f"{PREFIX}timing:{job_id}"
+
+
 def job_log(job_id: str) -> str:
     """List: the job's chunk events, index == seq (the replay log)."""
     return f"{PREFIX}events:{job_id}"

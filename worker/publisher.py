@@ -18,6 +18,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from common import timing
 from common.jobs import ChoiceDelta, ChunkEvent, EventKind
 from common.jobstore import JobStore
 from common.schemas import Usage
@@ -185,8 +186,12 @@ class ChunkPublisher:
                             kinds.append("finish")
                         calls.append(kinds)
                     # One round trip: what llmq_worker_publish_seconds measures.
+                    if timing.ENABLED:
+                        timing.stamp_all([job_id for job_id, _ in groups], "publish")
                     sent = time.perf_counter()
                     answers = iter(await pipe.execute())
+                    if timing.ENABLED:
+                        timing.stamp_all([job_id for job_id, _ in groups], "published")
                     self._publish_seconds.observe(time.perf_counter() - sent)
                 # An append answers the log length (-1: the attempt lost the job); a finish 1 or 0.
                 return [

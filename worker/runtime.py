@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from common import keys
+from common import keys, timing
 from common.errors import EngineError, InvalidRequestError, ServiceError
 from common.jobs import (
     ChoiceDelta,
@@ -361,11 +361,15 @@ class WorkerRuntime:
 
     async def _run_job(self, job_id: str) -> dict[str, Any]:
         assert self.store is not None and self.publisher is not None
+        if timing.ENABLED:
+            timing.stamp(job_id, "loop")
         if self.dead:
             return {"status": "refused", "started": False}
         claimed = await self.store.claim(
             job_id, self.settings.model_name, self.worker_id, new_claim_token(), self.settings.lease_seconds
         )
+        if timing.ENABLED:
+            timing.stamp(job_id, "claimed")
         if isinstance(claimed, str):
             # Cancelled while queued, already run or running (a duplicate message), or expired.
             log_event(log, "job.not_started", job_id=job_id, model=self.settings.model_name, reason=claimed)
@@ -392,6 +396,8 @@ class WorkerRuntime:
             self._log_fields.pop(job_id, None)  # logs (issue 9)
             self._cancelled.discard(job_id)
             self._lost.discard(job_id)
+            if timing.ENABLED:
+                await timing.flush(self.redis, job_id)
 
     async def _attempt(self, job_id: str, attempt: int) -> dict[str, Any] | None:
         """Run a claimed attempt; its outcome, or None if it lost the job on the way."""
@@ -424,7 +430,11 @@ class WorkerRuntime:
         extras: dict[int, dict[str, Any]] = {}
         try:
             if plan.request.sampling.max_tokens > 0 and not plan.finished:
+                if timing.ENABLED:
+                    timing.stamp(job_id, "engine_in")
                 async for deltas in self.engine.generate(job_id, plan.request):
+                    if timing.ENABLED:
+                        timing.stamp(job_id, "engine_first")
                     for d in deltas:
                         texts.setdefault(d.index, []).append(d.text)
                         tokens[d.index] = tokens.get(d.index, 0) + len(d.token_ids)

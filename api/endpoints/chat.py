@@ -25,7 +25,7 @@ from api.jobs.pipeline import JobConflictError, JobNotFoundError, JobPipeline
 from api.limits import check_chat_limits
 from api.metrics import RequestTimer, observe_queue_wait
 from api.relay import StreamClosed, Subscription
-from common import keys
+from common import keys, timing
 from common.errors import (
     ContextLengthError,
     InvalidRequestError,
@@ -339,9 +339,13 @@ class JobAdapter:
         subscription (unless it runs in the background without a stream) and the
         rate-limit headers its response carries."""
         try:
+            submitted = time.time()
             headers = await self.pipeline.admission.count_request(caller)
             await self.pipeline.look(req.model, headers)
+            admitted = time.time()
             record = await self.prepare(req, owner=caller.key_id)  # type: ignore[arg-type]
+            if timing.ENABLED:
+                timing.stamps(record.id, submit=submitted, admitted=admitted, prepared=time.time())
             view = view_of(record, self.kind)
             # Logs (issue 9): the prompt goes in `job.created` only with LOG_PROMPTS=true.
             prompt = log_prompt if self.settings.log_prompts else None
@@ -448,6 +452,8 @@ class JobAdapter:
                             yield event(chunk_json(job, choices, attempt=ev.attempt, seq=ev.seq), ev.seq)
                             if timer is not None and any(c.text or c.tool_calls or c.reasoning for c in ev.choices):
                                 timer.content_sent()  # metrics: sent (the next one is asked for)
+                            if timing.ENABLED:
+                                timing.stamp(job.id, "sse")
                     elif ev.kind == "done":
                         finished = True
                         # Ends that came with no delta (cancelled while queued, or by the reaper).
@@ -487,6 +493,9 @@ class JobAdapter:
             if timer is not None:
                 with anyio.CancelScope(shield=True):
                     await self.observe_queue_wait(job)
+            if timing.ENABLED:
+                with anyio.CancelScope(shield=True):
+                    await timing.flush(self.pipeline.redis, job.id)
 
     async def collect(self, job: JobView, subscription: Subscription | None, caller: Principal) -> dict[str, Any]:
         """Wait for the job to end; the `chat.completion` (`text_completion`). If the

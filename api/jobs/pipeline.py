@@ -22,7 +22,7 @@ from api.admission import Admission
 from api.jobs.reader import JobReader
 from api.metrics import count_cancellation
 from api.relay import StreamRelay, Subscription
-from common import keys
+from common import keys, timing
 from common.errors import ConflictError, NotFoundError, RateLimitError, ServiceUnavailableError
 from common.job_queue import JobQueue
 from common.jobs import ChunkEvent, JobRecord, JobStatus
@@ -72,6 +72,8 @@ class JobPipeline:
         max_waiting = await self.admission.queue_limit(record.model)
         max_active = self.settings.max_concurrent_jobs_per_key
         subscription = await self.relay.subscribe(keys.job_channel(record.id)) if follow else None
+        if timing.ENABLED and follow:
+            timing.stamp(record.id, "subscribed")
         try:
             code, count = await self.enqueue(record, priority, limits=(max_waiting, max_active), log_fields=log_fields)
             if code < 0:
@@ -116,6 +118,8 @@ class JobPipeline:
         if record.deadline is None:
             record.deadline = record.created + self.settings.queue_timeout_seconds
         code, count = await self.store.create(record, ttl, *limits)
+        if timing.ENABLED and record.options.stream:
+            timing.stamp(record.id, "recorded")
         if code == 1:
             # Logs (issue 9): the job's first line, written before its message is sent, so
             # before any worker's `job.started`.
@@ -133,6 +137,8 @@ class JobPipeline:
             )
         if code == 1 or (code == 0 and await self.store.status(record.id) == JobStatus.queued):
             await self.queue.submit(record.id, record.model, priority)
+            if timing.ENABLED and record.options.stream:
+                timing.stamp(record.id, "queued")
         return code, count
 
     async def get(self, job_id: str) -> JobRecord | None:

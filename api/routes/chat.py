@@ -18,6 +18,7 @@ from api.endpoints.chat import JobAdapter, JobView
 from api.jobs.reader import MAX_CURSOR, parse_cursor
 from api.metrics import RequestTimer, arrived_at, count_resume
 from api.openapi import RATE_LIMIT_HEADERS, REQUEST_ID, error_responses, sse_event
+from common import timing
 from common.schemas import ChatCompletion, ChatCompletionJob, ChatCompletionRequest, CompletionRequest
 from common.settings import Settings
 
@@ -58,6 +59,8 @@ async def create(
     job, subscription, headers = await adapter.submit(body, caller)  # type: ignore[attr-defined]
     # Metrics (issue 9): what the client sees, from the request's arrival (api/metrics.py).
     timer = RequestTimer(job.model, arrived_at(request.scope))
+    if timing.ENABLED:
+        timing.stamp(job.id, "arrived", timing.epoch_of(timer.arrived))
     if body.stream:
         # A background job outlives its client; an ordinary one is cancelled when it leaves.
         shutdown = anyio.Event()

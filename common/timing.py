@@ -1,0 +1,115 @@
+"""Per-job stage stamps for the benchmark (`BENCH_TIMING=1`; off by default).
+
+With it on, the API and the worker note wall-clock times (`time.time()`: every process
+runs on one machine) as a streaming job passes each stage on its way to its first token
+(`STAMPS`, in order; `STAGES` between them), keep them in memory, and write them once the job is done with, to
+one Redis hash per job (`keys.job_timing`), which `bench/bench_stream.py` reads after a
+run. The hooks in the hot path are `if timing.ENABLED:` guards: with it off they cost a
+global lookup. Each stage keeps its first stamp, so a hook in a loop marks the first pass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from common import keys
+
+ENABLED = os.environ.get("BENCH_TIMING", "").strip().lower() in ("1", "true", "yes", "on")
+# How long a job's stamps stay in Redis.
+TTL_SECONDS = 3600
+
+# The stamps a streaming chat job gets, in the order it passes them (`client` is the
+# benchmark client's own: its first content chunk arrived).
+STAMPS = (
+    "arrived", "submit", "admitted", "prepared", "subscribed", "recorded", "queued",
+    "task", "loop", "claimed", "engine_in", "engine_first", "publish", "published",
+    "relayed", "sse", "client",
+)  # fmt: skip
+# The stages between them: (name, from stamp, to stamp, what is timed). They add up from
+# `arrived` to `client`, but for `publish RTT` (its pub/sub message reaches the API
+# while the worker still waits for the pipeline's answer).
+STAGES: tuple[tuple[str, str, str, str], ...] = (
+    ("http+validate", "arrived", "submit", "api: ASGI middlewares, body parse and validation, the key"),
+    ("admission", "submit", "admitted", "api: the key's request count and a look at the queue (Redis)"),
+    ("template+tokenize", "admitted", "prepared", "api: model card, chat template, tokenizer (thread)"),
+    ("subscribe", "prepared", "subscribed", "api: queue limit, channel subscribed on the relay"),
+    ("record write", "subscribed", "recorded", "api: admission script storing the record"),
+    ("celery send", "recorded", "queued", "api: the Celery message sent"),
+    ("celery hop", "queued", "task", "broker to a worker slot thread starting the task"),
+    ("hand-off", "task", "loop", "worker: slot thread to the engine loop"),
+    ("claim", "loop", "claimed", "worker: the claim script (lease)"),
+    ("record read", "claimed", "engine_in", "worker: the record read, attempt planned"),
+    ("engine", "engine_in", "engine_first", "worker: the engine's first output (prefill, first step)"),
+    ("publish wait", "engine_first", "publish", "worker: to the publisher's pipeline being sent"),
+    ("relay", "publish", "relayed", "Redis pub/sub to the API's relay"),
+    ("sse", "relayed", "sse", "api: reader, chunk rendering, SSE write"),
+    ("client", "sse", "client", "socket to the client's first content chunk"),
+    ("publish RTT", "publish", "published", "worker: the publish pipeline's round trip (overlaps relay)"),
+)
+
+_stamps: dict[str, dict[str, float]] = {}
+_CHANNEL_PREFIX = len(keys.job_channel(""))
+# Stamps of jobs never flushed (a client that left, a batch line) are dropped past this.
+_MAX_JOBS = 10_000
+
+
+def stamp(job_id: str, stage: str, when: float | None = None) -> None:
+    """Note `stage` for a job now (or at `when`), unless it was noted already."""
+    if len(_stamps) > _MAX_JOBS and job_id not in _stamps:
+        _stamps.clear()
+    _stamps.setdefault(job_id, {}).setdefault(stage, time.time() if when is None else when)
+
+
+def stamps(job_id: str, **when: float) -> None:
+    """Note several stages at the times given (each unless noted already)."""
+    mine = _stamps.setdefault(job_id, {})
+    for stage, at in when.items():
+        mine.setdefault(stage, at)
+
+
+def stamp_all(job_ids: list[str], stage: str) -> None:
+    """Note `stage` now for each of `job_ids`."""
+    now = time.time()
+    for job_id in job_ids:
+        _stamps.setdefault(job_id, {}).setdefault(stage, now)
+
+
+def job_of_channel(channel: str) -> str:
+    """The job whose chunk channel (`keys.job_channel`) this is."""
+    return channel[_CHANNEL_PREFIX:]
+
+
+def epoch_of(perf: float) -> float:
+    """A `time.perf_counter()` reading as wall-clock time."""
+    return time.time() - (time.perf_counter() - perf)
+
+
+def take(job_id: str) -> dict[str, float]:
+    """A job's stamps, forgotten here."""
+    return _stamps.pop(job_id, {})
+
+
+async def flush(redis: Any, job_id: str) -> None:
+    """Write a job's stamps to its timing hash (and forget them here)."""
+    stamps = take(job_id)
+    if not stamps:
+        return
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.job_timing(job_id), mapping=stamps)
+            pipe.expire(keys.job_timing(job_id), TTL_SECONDS)
+            await pipe.execute()
+    except Exception:  # noqa: BLE001 - a benchmark's side note never fails a job
+        pass
+
+
+def stage_durations(stamps: dict[str, float]) -> dict[str, float]:
+    """Seconds spent in each stage whose two stamps are there, and `total` (arrived to
+    the last of sse/client stamped)."""
+    out = {name: stamps[b] - stamps[a] for name, a, b, _ in STAGES if a in stamps and b in stamps}
+    end = stamps.get("client", stamps.get("sse"))
+    if "arrived" in stamps and end is not None:
+        out["total"] = end - stamps["arrived"]
+    return out
