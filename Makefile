@@ -26,6 +26,7 @@ redis:
 prometheus:
 	scripts/ensure-prometheus.sh
 
+# The API runs as API_PROCESSES processes on one port; unset, min(cores // 2, 8).
 run: setup model redis
 	$(PY) scripts/stack.py run
 

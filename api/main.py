@@ -1,6 +1,7 @@
-"""The API app: `uvicorn api.main:app`. Builds, once per process in the lifespan, the
-shared Redis client, the stream relay, the model catalog, the job queue, the job
-pipeline with its endpoint adapters, the batch runner and the reaper."""
+"""The API app: `uvicorn api.main:app`, run as API_PROCESSES processes on one port by
+`python -m api.serve`. Builds, once per process in the lifespan, the shared Redis client,
+the stream relay, the model catalog, the job queue, the job pipeline with its endpoint
+adapters, the batch runner and the reaper."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from api.errors import install_error_handlers
 from api.files import FileStore
 from api.jobs.pipeline import JobPipeline
 from api.limits import install_limits
-from api.metrics import METRICS_PATHS, MetricsMiddleware
+from api.metrics import METRICS_PATHS, MetricsMiddleware, forget_dead_processes
 from api.metrics import router as metrics_router
 from api.openapi import customize_openapi
 from api.relay import StreamRelay
@@ -45,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Several API processes (api.serve): open streams of a sibling that died are not open.
+        forget_dead_processes()
         redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_seconds)
         relay = StreamRelay(settings.redis_url, settings.stream_buffer_events)
         await relay.start()
@@ -84,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             queue.close()
             catalog.close()
             await redis.aclose()
+            forget_dead_processes(include_self=True)
 
     app = FastAPI(title="llmq: queue-based LLM inference", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

@@ -1,8 +1,13 @@
 """The API's Prometheus metrics, served at `GET /metrics` (text format 0.0.4), and the
 workers' scrape targets at `GET /metrics/targets` (Prometheus HTTP service discovery).
 
-Three kinds, each process its own (prometheus_client's default registry; every API
-process is scraped on its own, not through a load balancer):
+Three kinds. Run by `python -m api.serve` (`make run`, the tests, the image), the API is
+API_PROCESSES processes on one port, any of which may answer a scrape: each process
+writes its samples to files in PROMETHEUS_MULTIPROC_DIR (prometheus_client's
+multiprocess mode, the directory made empty by `api.serve`) and `/metrics` reports
+their sum over every process, live or ended (counters and histograms), and over the
+live ones for the open-streams gauge. Without that variable (the app run some other
+way) a process reports its own registry. Several API hosts are still scraped one by one.
 
 - **Requests** (`MetricsMiddleware`, one pure ASGI middleware just inside CORS, so the
   auth middleware's 401s and the size limits' 413/431 count too): requests by route
@@ -40,16 +45,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -61,6 +68,8 @@ from common import keys
 from common.jobs import WorkerInfo
 from common.workers import live_workers
 
+# Set (by `api.serve`) to the directory every API process writes its samples to.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The paths served here, public unless METRICS_REQUIRE_KEY (see api.auth, api.main).
 METRICS_PATHS = frozenset({"/metrics", "/metrics/targets"})
 # Where the middleware notes a request's arrival (time.perf_counter()) in the ASGI scope.
@@ -90,7 +99,11 @@ REJECTIONS = Counter(
     "full), validation (400), too_large (413, 431), not_found (404)",
     ["reason"],
 )
-OPEN_STREAMS = Gauge("llmq_open_streams", "SSE streams this API process is sending now")
+OPEN_STREAMS = Gauge(
+    "llmq_open_streams",
+    "SSE streams the API is sending now (summed over its live processes)",
+    multiprocess_mode="livesum",
+)
 TTFT = Histogram(
     "llmq_time_to_first_token_seconds",
     "Streams: from the request's arrival to its first content chunk sent",
@@ -406,9 +419,54 @@ class QueueCollector(Collector):
         yield from (waiting, oldest, pending, in_flight, live, capacity, in_use)
 
 
+def multiprocess_dir() -> str | None:
+    """Where every API process writes its samples (None: each process on its own)."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def forget_dead_processes(include_self: bool = False) -> list[int]:
+    """Take the live gauges of API processes that are gone out of the sums (a process
+    the supervisor replaced, killed before it could do this itself; with `include_self`,
+    this one, at its shutdown); their counters stay. Returns the pids forgotten."""
+    directory = multiprocess_dir()
+    if directory is None:
+        return []
+    gone = []
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        try:
+            pid = int(path.stem.rsplit("_", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid() and not include_self or pid != os.getpid() and _alive(pid):
+            continue
+        multiprocess.mark_process_dead(pid, directory)
+        gone.append(pid)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_metrics() -> bytes:
+    """The API's own metrics: every process's, summed, in multiprocess mode; else this one's."""
+    directory = multiprocess_dir()
+    if directory is None:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry(auto_describe=False)
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return generate_latest(registry)
+
+
 def render(snapshot: QueueSnapshot | None) -> bytes:
-    """This process's metrics, then the queue's (when Redis answered)."""
-    out = generate_latest(REGISTRY)
+    """The API's metrics (see `process_metrics`), then the queue's (when Redis answered)."""
+    out = process_metrics()
     if snapshot is not None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(QueueCollector(snapshot))
@@ -445,7 +503,7 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    """Prometheus text format: this process's metrics and the queue's (left out, and
+    """Prometheus text format: the API's metrics (every process's) and the queue's (left out, and
     the rest still served, when Redis does not answer)."""
     settings = request.app.state.settings
     try:

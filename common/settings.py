@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     max_concurrent_jobs_per_key: int = Field(default=0, ge=0)
     requests_per_minute_per_key: int = Field(default=0, ge=0)
 
+    # API processes serving one port (uvicorn's supervisor, `python -m api.serve`): every
+    # feature works whichever process a request lands on (state lives in Redis) and
+    # /metrics sums all of them. `make run` uses min(cores // 2, 8) when this is unset.
+    api_processes: int = Field(default=1, ge=1, le=64)
+
     # Metrics (issue 9, api/metrics.py): the API's `GET /metrics` and `GET /metrics/targets`
     # are public (like /health) unless this is true; then they need a key too.
     metrics_require_key: bool = False

@@ -47,6 +47,19 @@ def redis_answers(port: int) -> bool:
         return False
 
 
+def group_pids(pgid: int) -> list[int]:
+    """The processes of process group `pgid` (Linux: /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:  # after the name: state, ppid, pgrp
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
+
+
 @dataclass
 class Proc:
     name: str
@@ -73,6 +86,10 @@ class Stack:
     worker_envs: dict[str, dict[str, str]] = field(default_factory=dict)
     # The address API processes listen on: loopback unless the API requires keys.
     api_host: str = "127.0.0.1"
+    # Processes behind each API port (uvicorn's supervisor, api.serve); None: API_PROCESSES
+    # from the environment (1 unless set). `start_api(processes=)` overrides it per API.
+    api_processes: int | None = None
+    api_process_counts: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def redis_url(self) -> str:
@@ -176,32 +193,28 @@ class Stack:
         self.worker_envs[name] = dict(extra_env or {})
         return self.spawn(name, args)
 
-    def start_api(self, name: str = "api", port: int | None = None) -> Proc:
-        """An API process; "api" listens on `api_port`, any other name on `port` (a free one
-        by default, kept for its restarts)."""
+    def start_api(self, name: str = "api", port: int | None = None, processes: int | None = None) -> Proc:
+        """An API (`python -m api.serve`: `processes` uvicorn processes on one port, default
+        `api_processes`); "api" listens on `api_port`, any other name on `port` (a free one
+        by default). Its port and processes are kept for its restarts."""
         if port is None:
             port = self.api_port if name == "api" else self.api_ports.get(name) or free_port()
         elif name == "api":
             self.api_port = port
         self.api_ports[name] = port
-        return self.spawn(
-            name,
-            [
-                self.python,
-                "-m",
-                "uvicorn",
-                "api.main:app",
-                "--host",
-                self.api_host,
-                "--port",
-                str(port),
-                # httptools with a bound on each request head as it arrives (api.limits).
-                "--http",
-                "api.limits:HeadLimitedHttpToolsProtocol",
-                "--log-level",
-                "warning",
-            ],
-        )
+        if processes is None:
+            processes = self.api_process_counts.get(name, self.api_processes)
+        self.api_process_counts[name] = processes
+        args = [self.python, "-m", "api.serve", "--host", self.api_host, "--port", str(port), "--log-level", "warning"]
+        if processes is not None:
+            args += ["--processes", str(processes)]
+        return self.spawn(name, args)
+
+    def api_pids(self, name: str = "api") -> list[int]:
+        """Every process of the API `name` (its supervisor first, then the processes serving
+        requests): its process group, from /proc."""
+        group = self.proc(name).popen.pid
+        return [group, *sorted(pid for pid in group_pids(group) if pid != group)]
 
     def flower_basic_auth(self) -> str | None:
         """Flower's `user:password` list: FLOWER_BASIC_AUTH from this stack's `env`, else
@@ -451,11 +464,18 @@ def run() -> int:
     # With API keys the API listens on every interface (API_HOST to choose one); without
     # them it is open to anyone who reaches it, so it listens on loopback only.
     protected = bool(settings.api_keys.strip() or settings.api_keys_file)
+    # API_PROCESSES as set; unset, one per two cores (at most 8): the workers need the rest.
+    processes = (
+        settings.api_processes
+        if "api_processes" in settings.model_fields_set
+        else max(1, min((os.cpu_count() or 1) // 2, 8))
+    )
     stack = Stack(
         redis_port=int(os.environ.get("REDIS_PORT", 6379)),
         api_port=int(os.environ.get("API_PORT", 8000)),
         flower_port=int(os.environ.get("FLOWER_PORT", 5555)),
         api_host=os.environ.get("API_HOST", "0.0.0.0") if protected else "127.0.0.1",
+        api_processes=processes,
     )
     if not protected:
         print(
@@ -500,7 +520,8 @@ def run() -> int:
                 ready = True
                 print(
                     f"\nready: API http://{stack.api_host}:{stack.api_port}/v1 "
-                    f"({'API keys required' if protected else 'open, loopback only'}; model {settings.model_name}), "
+                    f"({'API keys required' if protected else 'open, loopback only'}; model {settings.model_name}; "
+                    f"{processes} API process{'es' if processes > 1 else ''}, API_PROCESSES), "
                     f"Flower http://127.0.0.1:{stack.flower_port} "
                     f"({'basic auth' if stack.flower_basic_auth() else 'unauthenticated, loopback only'}), "
                     f"Redis {stack.redis_url}.\n"
