@@ -27,6 +27,7 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from common import keys
 from common.jobs import ChunkEvent, JobRecord, JobStatus
@@ -404,11 +405,28 @@ class JobStore:
 
     async def append_in(self, pipe: Any, job_id: str, attempt: int, first_seq: int, payloads: list[str]) -> Any:
         """The same as `append`, queued on a pipeline (the publisher batches many jobs)."""
-        return await self._append(
-            keys=[keys.job(job_id), keys.job_log(job_id)],
-            args=[attempt, keys.job_channel(job_id), self.ttl, first_seq, *payloads],
-            client=pipe,
+        return await self._run_in(
+            pipe,
+            self._append,
+            [keys.job(job_id), keys.job_log(job_id)],
+            [attempt, keys.job_channel(job_id), self.ttl, first_seq, *payloads],
         )
+
+    @staticmethod
+    async def _run_in(client: Any, script: Any, script_keys: list[str], args: list[Any]) -> Any:
+        """A script on `client`. On a pipeline it is queued by its SHA alone: redis-py would
+        otherwise ask Redis whether the scripts exist (SCRIPT EXISTS) on every execute, one
+        more round trip per publish. A pipeline that meets a Redis without them (restarted)
+        raises NoScriptError; its caller loads them (`load_scripts`) and runs it again
+        (every script answers the same when run twice)."""
+        if isinstance(client, Pipeline):
+            return await client.evalsha(script.sha, len(script_keys), *script_keys, *args)
+        return await script(keys=script_keys, args=args, client=client)
+
+    async def load_scripts(self) -> None:
+        """Load the scripts a worker's pipelines run by SHA (after a NoScriptError)."""
+        for script in (self._append, self._finish):
+            await self.redis.script_load(script.script)
 
     async def finish_in(
         self,
@@ -437,7 +455,7 @@ class JobStore:
         for name, value in fields.items():
             if value is not None:
                 values += [name, value if isinstance(value, str | int | float) else json.dumps(value)]
-        return await self._finish(keys=self.ending_keys(job_id, model, batch, owner), args=values, client=pipe)
+        return await self._run_in(pipe, self._finish, self.ending_keys(job_id, model, batch, owner), values)
 
     async def release(self, job_id: str, model: str, attempt: int, worker_id: str, due_in: float | None = None) -> int:
         """Give a job back to the queue: 2 if given back now (the caller then sends its

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from common import timing
-from common.jobs import ChoiceDelta, ChunkEvent, EventKind
+from common.jobs import ChoiceDelta, ChunkEvent, EventKind, extend_logprobs
 from common.jobstore import JobStore
 from common.schemas import Usage
 from worker.metrics import PUBLISH_SECONDS
@@ -40,17 +40,39 @@ class _Pending:
     batch: str | None = None
     owner: str = ""
     flushed: asyncio.Future[bool] | None = None
+    # `choices` are the publisher's own copies (later deltas are merged into them in place).
+    owned: bool = False
 
 
-def merge_deltas(into: list[ChoiceDelta], more: list[ChoiceDelta]) -> list[ChoiceDelta]:
-    by_index = {c.index: c.model_copy(deep=True) for c in into}
+def _own(c: ChoiceDelta) -> ChoiceDelta:
+    """A copy of a delta that merging may grow in place: its token ids and logprobs lists
+    are new (what `ChoiceDelta.extend` mutates); tool calls are merged into new lists."""
+    return c.model_copy(
+        update={"token_ids": list(c.token_ids), "logprobs": extend_logprobs(None, c.logprobs) if c.logprobs else None}
+    )
+
+
+def _extend(into: list[ChoiceDelta], more: list[ChoiceDelta]) -> None:
+    """Merge `more` into `into` (owned copies, see `_own`) in place, per choice index."""
+    by_index = {c.index: c for c in into}
+    added = False
     for c in more:
         have = by_index.get(c.index)
         if have is None:
-            by_index[c.index] = c.model_copy(deep=True)
+            by_index[c.index] = _own(c)
+            into.append(by_index[c.index])
+            added = True
         else:
             have.extend(c)
-    return [by_index[i] for i in sorted(by_index)]
+    if added:
+        into.sort(key=lambda c: c.index)
+
+
+def merge_deltas(into: list[ChoiceDelta], more: list[ChoiceDelta]) -> list[ChoiceDelta]:
+    """`into` and `more` as one list of deltas per choice (neither is changed)."""
+    out = [_own(c) for c in into]
+    _extend(out, more)
+    return out
 
 
 class ChunkPublisher:
@@ -105,7 +127,12 @@ class ChunkPublisher:
         for item in batch:
             prev = last_delta.get(item.job_id)
             if item.kind == "delta" and prev is not None and prev.attempt == item.attempt:
-                prev.choices = merge_deltas(prev.choices, item.choices)
+                # Copied once per publish, then grown in place: a backlog of k steps costs
+                # k merges, not k copies of everything merged so far.
+                if not prev.owned:
+                    prev.choices = [_own(c) for c in prev.choices]
+                    prev.owned = True
+                _extend(prev.choices, item.choices)
                 continue
             out.append(item)
             if item.kind == "delta":
@@ -115,6 +142,9 @@ class ChunkPublisher:
         return out
 
     async def run(self) -> None:
+        # Loaded up front: pipelines run them by SHA (a NoScriptError after a Redis restart
+        # loads them again).
+        await self.store.load_scripts()
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty():
@@ -200,6 +230,14 @@ class ChunkPublisher:
                     )
                     for kinds in calls
                 ]
+            except NoScriptError:
+                # Redis lost its scripts (restarted): load them and send the batch again.
+                log.warning("Redis has lost the publish scripts; loading them again")
+                try:
+                    await self.store.load_scripts()
+                except RedisError as exc:
+                    log.warning("loading the scripts failed (%s); retrying", exc)
+                    await asyncio.sleep(self.retry_seconds)
             except RedisError as exc:
                 log.warning("publish failed (%s); retrying", exc)
                 await asyncio.sleep(self.retry_seconds)

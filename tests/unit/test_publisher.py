@@ -20,6 +20,28 @@ def test_merge_deltas_concatenates_per_choice():
     ]
 
 
+async def test_coalescing_grows_copies_and_leaves_the_engine_deltas_as_they_were():
+    """The publisher merges a backlog in place, into copies of its own: the deltas the
+    engine handed over (and their token ids and logprobs lists) stay as they were."""
+    store = FakeStore()
+    pub = ChunkPublisher(store, "w1")  # type: ignore[arg-type]
+    steps = [
+        [ChoiceDelta(index=0, text=str(i), token_ids=[i], logprobs={"content": [{"token": str(i)}]})] for i in range(4)
+    ]
+    before = [[c.model_copy(deep=True) for c in step] for step in steps]
+    for step in steps:
+        pub.delta("a", 1, step)
+    pub.delta("a", 1, [ChoiceDelta(index=1, text="z", token_ids=[7])])
+    task = asyncio.create_task(pub.run())
+    assert await pub.finish("a", 1, "done", fields={"status": "completed"})
+    task.cancel()
+    assert steps == before
+    merged = store.logs["a"][0].choices
+    assert [c.index for c in merged] == [0, 1]
+    assert merged[0].text == "0123" and merged[0].token_ids == [0, 1, 2, 3]
+    assert [t["token"] for t in merged[0].logprobs["content"]] == ["0", "1", "2", "3"]
+
+
 class RecordingPipeline:
     def __init__(self, store):
         self.store = store
@@ -46,6 +68,9 @@ class FakeStore:
 
     def pipeline(self, transaction=False):
         return RecordingPipeline(self)
+
+    async def load_scripts(self):
+        pass
 
     async def append_in(self, pipe, job_id, attempt, first_seq, payloads):
         if job_id in self.lost:
