@@ -20,24 +20,25 @@ ENABLED = os.environ.get("BENCH_TIMING", "").strip().lower() in ("1", "true", "y
 # How long a job's stamps stay in Redis.
 TTL_SECONDS = 3600
 
-# The stamps a streaming chat job gets, in the order it passes them (`client` is the
-# benchmark client's own: its first content chunk arrived).
+# The stamps a streaming chat job gets, in the order it passes them (`sent` and `client`
+# are the benchmark client's own: it sent the request; its first content chunk arrived).
 STAMPS = (
-    "arrived", "submit", "admitted", "prepared", "subscribed", "recorded", "queued",
+    "sent", "arrived", "submit", "admitted", "prepared", "subscribed", "recorded", "queued",
     "task", "loop", "claimed", "engine_in", "engine_first", "publish", "published",
     "relayed", "sse", "client",
 )  # fmt: skip
 # The stages between them: (name, from stamp, to stamp, what is timed). They add up from
-# `arrived` to `client`, but for `publish RTT` (its pub/sub message reaches the API
-# while the worker still waits for the pipeline's answer).
+# `sent` to `client`, but for those in brackets, which overlap others (a task can start
+# before `apply_async` returns; a pub/sub message reaches the API while the worker still
+# waits for its pipeline's answer).
 STAGES: tuple[tuple[str, str, str, str], ...] = (
+    ("request", "sent", "arrived", "client: connection and request to the API's ASGI app"),
     ("http+validate", "arrived", "submit", "api: ASGI middlewares, body parse and validation, the key"),
     ("admission", "submit", "admitted", "api: the key's request count and a look at the queue (Redis)"),
     ("template+tokenize", "admitted", "prepared", "api: model card, chat template, tokenizer (thread)"),
     ("subscribe", "prepared", "subscribed", "api: queue limit, channel subscribed on the relay"),
-    ("record write", "subscribed", "recorded", "api: admission script storing the record"),
-    ("celery send", "recorded", "queued", "api: the Celery message sent"),
-    ("celery hop", "queued", "task", "broker to a worker slot thread starting the task"),
+    ("record write", "subscribed", "recorded", "api: admission script storing the record, job.created log"),
+    ("celery hop", "recorded", "task", "Celery message sent, through the broker to a worker slot thread"),
     ("hand-off", "task", "loop", "worker: slot thread to the engine loop"),
     ("claim", "loop", "claimed", "worker: the claim script (lease)"),
     ("record read", "claimed", "engine_in", "worker: the record read, attempt planned"),
@@ -46,7 +47,8 @@ STAGES: tuple[tuple[str, str, str, str], ...] = (
     ("relay", "publish", "relayed", "Redis pub/sub to the API's relay"),
     ("sse", "relayed", "sse", "api: reader, chunk rendering, SSE write"),
     ("client", "sse", "client", "socket to the client's first content chunk"),
-    ("publish RTT", "publish", "published", "worker: the publish pipeline's round trip (overlaps relay)"),
+    ("(celery send)", "recorded", "queued", "api: apply_async until it returns (overlaps the hop)"),
+    ("(publish RTT)", "publish", "published", "worker: the publish pipeline's round trip (overlaps relay)"),
 )
 
 _stamps: dict[str, dict[str, float]] = {}
@@ -106,10 +108,5 @@ async def flush(redis: Any, job_id: str) -> None:
 
 
 def stage_durations(stamps: dict[str, float]) -> dict[str, float]:
-    """Seconds spent in each stage whose two stamps are there, and `total` (arrived to
-    the last of sse/client stamped)."""
-    out = {name: stamps[b] - stamps[a] for name, a, b, _ in STAGES if a in stamps and b in stamps}
-    end = stamps.get("client", stamps.get("sse"))
-    if "arrived" in stamps and end is not None:
-        out["total"] = end - stamps["arrived"]
-    return out
+    """Seconds spent in each stage whose two stamps are there."""
+    return {name: stamps[b] - stamps[a] for name, a, b, _ in STAGES if a in stamps and b in stamps}

@@ -118,8 +118,6 @@ class JobPipeline:
         if record.deadline is None:
             record.deadline = record.created + self.settings.queue_timeout_seconds
         code, count = await self.store.create(record, ttl, *limits)
-        if timing.ENABLED and record.options.stream:
-            timing.stamp(record.id, "recorded")
         if code == 1:
             # Logs (issue 9): the job's first line, written before its message is sent, so
             # before any worker's `job.started`.
@@ -136,6 +134,8 @@ class JobPipeline:
                 **(log_fields or {}),
             )
         if code == 1 or (code == 0 and await self.store.status(record.id) == JobStatus.queued):
+            if timing.ENABLED and record.options.stream:
+                timing.stamp(record.id, "recorded")
             await self.queue.submit(record.id, record.model, priority)
             if timing.ENABLED and record.options.stream:
                 timing.stamp(record.id, "queued")
