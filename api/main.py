@@ -34,6 +34,7 @@ from api.request_log import RequestLogMiddleware
 from api.routes import batches as batch_routes
 from api.routes import chat, completions, health, models, responses
 from api.routes import files as file_routes
+from common import keys
 from common.job_queue import JobQueue
 from common.logs import setup_logging
 from common.reaper import Reaper
@@ -50,7 +51,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         forget_dead_processes()
         redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_seconds)
         relay = StreamRelay(settings.redis_url, settings.stream_buffer_events)
-        await relay.start()
         catalog = ModelCatalog(redis, settings.worker_ttl_seconds)
         queue = JobQueue(settings.redis_url, settings.broker_visibility_timeout)
         pipeline = JobPipeline(settings, redis, relay, queue, Admission(settings, redis))
@@ -59,6 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses_adapter = ResponsesAdapter(settings, pipeline, catalog)
         files = FileStore(redis, Path(settings.files_dir), settings.upload_max_bytes)
         runner = BatchRunner(settings, redis, files, chat_adapter, pipeline, completions, responses_adapter)
+        # The batch runners wake when a batch's line ends (announced by the job core), told
+        # by the relay's connection: one pub/sub connection per API process, not two.
+        relay.listen(keys.BATCH_PROGRESS, runner.wake)
+        await relay.start()
         app.state.settings = settings
         app.state.redis = redis
         app.state.relay = relay
@@ -74,7 +78,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             asyncio.create_task(reaper.run(), name="reaper"),
             asyncio.create_task(catalog.keep_warm(), name="tokenizer-warm-up"),
             asyncio.create_task(runner.supervise(), name="batch-supervisor"),
-            asyncio.create_task(runner.listen(), name="batch-progress"),
         ]
         try:
             yield

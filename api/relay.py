@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -76,6 +77,15 @@ class StreamRelay:
         self._ready = asyncio.Event()
         # Keeps the connection subscribed (so reads block) even with no open stream.
         self._home = f"{keys.PREFIX}relay:{uuid.uuid4().hex}"
+        # Other channels this process listens to on the same connection (one subscriber
+        # connection per API process): each message calls its callback, and so does every
+        # reconnection (messages may have been missed).
+        self._listeners: dict[str, Callable[[], None]] = {}
+
+    def listen(self, channel: str, callback: Callable[[], None]) -> None:
+        """Call `callback` on each message on `channel` (from the next (re)connection on:
+        call it before `start`)."""
+        self._listeners[channel] = callback
 
     @property
     def open_streams(self) -> int:
@@ -143,8 +153,10 @@ class StreamRelay:
         while True:
             try:
                 self._pubsub = self._redis.pubsub()
-                await self._pubsub.subscribe(self._home)
+                await self._pubsub.subscribe(self._home, *self._listeners)
                 self._ready.set()
+                for callback in self._listeners.values():
+                    callback()
                 while True:
                     message = await self._pubsub.get_message(timeout=5.0)
                     if message is not None:
@@ -175,7 +187,9 @@ class StreamRelay:
         channel = message["channel"]
         channel = channel.decode() if isinstance(channel, bytes) else channel
         kind = message["type"]
-        if kind == "message":
+        if kind == "message" and channel in self._listeners:
+            self._listeners[channel]()
+        elif kind == "message":
             readers = self._subs.get(channel)
             if not readers:
                 return

@@ -60,6 +60,47 @@ def group_pids(pgid: int) -> list[int]:
     return sorted(pids)
 
 
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process `pid` holds open (Linux: /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def tcp_ports_by_inode(remote_port: int) -> dict[int, int]:
+    """Loopback TCP connections to `remote_port` on this machine: socket inode -> local port."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                local, remote, inode = cols[1], cols[2], int(cols[9])
+                if int(remote.rsplit(":", 1)[1], 16) == remote_port:
+                    found[inode] = int(local.rsplit(":", 1)[1], 16)
+    return found
+
+
+def redis_clients_by_pid(client_list: list[dict], pids: list[int], redis_port: int) -> dict[int, list[dict]]:
+    """Redis's CLIENT LIST entries (redis-py's `client_list()`) of each of `pids`, matched
+    through the client's local port and the process's sockets."""
+    ports = tcp_ports_by_inode(redis_port)
+    by_port = {int(c["addr"].rsplit(":", 1)[1]): c for c in client_list}
+    out: dict[int, list[dict]] = {}
+    for pid in pids:
+        out[pid] = [by_port[ports[i]] for i in socket_inodes(pid) if i in ports and ports[i] in by_port]
+    return out
+
+
+def subscriber(client: dict) -> bool:
+    """A CLIENT LIST entry that is a pub/sub subscriber connection (channels or patterns)."""
+    return int(client.get("sub", 0)) > 0 or int(client.get("psub", 0)) > 0 or int(client.get("ssub", 0)) > 0
+
+
 @dataclass
 class Proc:
     name: str
@@ -210,11 +251,21 @@ class Stack:
             args += ["--processes", str(processes)]
         return self.spawn(name, args)
 
-    def api_pids(self, name: str = "api") -> list[int]:
-        """Every process of the API `name` (its supervisor first, then the processes serving
-        requests): its process group, from /proc."""
+    def api_pids(self, name: str = "api", serving: bool = True) -> list[int]:
+        """The processes of the API `name` that serve requests (one process: the one
+        started; several: the children uvicorn's supervisor spawned), or with
+        `serving=False` all of its process group (supervisor, multiprocessing's resource
+        tracker), the one started first. From /proc."""
         group = self.proc(name).popen.pid
-        return [group, *sorted(pid for pid in group_pids(group) if pid != group)]
+        pids = [group, *(pid for pid in group_pids(group) if pid != group)]
+        if not serving:
+            return pids
+        children = []
+        for pid in pids[1:]:
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    children.append(pid)
+        return children or pids[:1]
 
     def flower_basic_auth(self) -> str | None:
         """Flower's `user:password` list: FLOWER_BASIC_AUTH from this stack's `env`, else
