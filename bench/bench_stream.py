@@ -1,14 +1,21 @@
-"""Streaming throughput and TTFT: the whole stack against the engine alone, in one run.
+"""Streaming throughput, first-token and inter-token latency: llmq against `vllm serve` and
+the engine alone, in one run, with where llmq's first-token time goes.
 
-For each concurrency level (default 1, 8, 32, 64 streams) the same load runs twice:
-  direct - vLLM's AsyncLLM in this process, through the worker's engine adapter;
-  stack  - Redis + one Celery worker process + the API, driven over HTTP by concurrent
-           streaming clients (SSE), as a user would.
-Each stream asks for `--tokens` output tokens (greedy, ignore_eos) on the default model;
-each level runs `--rounds` requests per stream, closed loop. Prints output tokens/s, TTFT
-p50/p99 for both, and the ratio stack/direct.
+For each concurrency level (default 1, 8, 32, 64 streams) the same load runs on:
+  engine - vLLM's AsyncLLM in this process, through the worker's engine adapter;
+  serve  - vLLM's own OpenAI server (`vllm serve`, scripts/vllm_serve.py) with the
+           worker's engine settings (dtype, eager, max_num_seqs);
+  llmq   - Redis + one Celery worker process + the API (scripts/stack.py).
+serve and llmq are driven by the very same HTTP streaming client (httpx, SSE). Each stream
+asks for `--tokens` output tokens (greedy, ignore_eos) on the default model and makes
+`--requests` requests one after the other (closed loop); a level runs `--rounds` times
+and each figure is the median over its rounds. Prints tok/s, TTFT p50/p99, inter-token
+latency (between content chunks) p50/p99 and the worst stream's p99, llmq/serve ratios
+and the milliseconds llmq adds to TTFT; then, from per-job stamps the API and the worker
+write with BENCH_TIMING=1 (common/timing.py), llmq's first-token time by stage.
 
-    python bench/bench_stream.py [--levels 1,8,32,64] [--tokens 64] [--rounds 2] [--json out.json]
+    python bench/bench_stream.py [--only engine,serve,llmq] [--levels 1,8,32,64] [--tokens 64]
+                                 [--rounds 2] [--requests 2] [--no-breakdown] [--json out.json]
 """
 
 from __future__ import annotations
@@ -20,29 +27,86 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from common import timing  # noqa: E402
+
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+MODES = ("engine", "serve", "llmq")
+TITLES = {
+    "engine": "engine alone (AsyncLLM in-process)",
+    "serve": "vllm serve (vLLM's OpenAI server), HTTP streaming clients",
+    "llmq": "llmq (API + Redis + Celery worker), HTTP streaming clients",
+}
 
 
 @dataclass
-class LevelResult:
-    mode: str
-    streams: int
-    requests: int
+class Sample:
+    """One request as its client saw it."""
+
+    ttft: float
+    tokens: int
+    # Seconds between consecutive content chunks.
+    gaps: list[float]
+    chunks: int
+    job_id: str | None = None
+    sent: float = 0.0  # wall clock: request sent
+    first: float = 0.0  # wall clock: first content chunk
+
+
+@dataclass
+class Round:
     tokens: int
     seconds: float
-    ttft_p50: float
-    ttft_p99: float
+    samples: list[Sample]
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+
+@dataclass
+class Level:
+    mode: str
+    streams: int
+    rounds: list[Round] = field(default_factory=list)
+    errors: int = 0
+
+    def median(self, figure: Callable[[Round], float]) -> float:
+        return statistics.median(figure(r) for r in self.rounds)
+
+    def summary(self) -> dict[str, float]:
+        def ttft(q: float) -> Callable[[Round], float]:
+            return lambda r: percentile([s.ttft for s in r.samples], q)
+
+        def itl(q: float) -> Callable[[Round], float]:
+            return lambda r: percentile([g for s in r.samples for g in s.gaps] or [0.0], q)
+
+        def worst_stream_p99(r: Round) -> float:
+            return max(percentile(s.gaps, 99) if s.gaps else 0.0 for s in r.samples)
+
+        def tokens_per_chunk(r: Round) -> float:
+            return sum(s.tokens for s in r.samples) / max(1, sum(s.chunks for s in r.samples))
+
+        return {
+            "tokens_per_s": self.median(lambda r: r.tokens_per_s),
+            "ttft_p50": self.median(ttft(50)),
+            "ttft_p99": self.median(ttft(99)),
+            "itl_p50": self.median(itl(50)),
+            "itl_p99": self.median(itl(99)),
+            "itl_worst_stream_p99": self.median(worst_stream_p99),
+            "tokens_per_chunk": self.median(tokens_per_chunk),
+            "requests": sum(len(r.samples) for r in self.rounds),
+            "rounds": len(self.rounds),
+            "errors": self.errors,
+        }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -52,23 +116,47 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(ordered, n=100, method="inclusive")[int(q) - 1]
 
 
-async def closed_loop(streams: int, rounds: int, one) -> tuple[int, float, list[float]]:  # type: ignore[no-untyped-def]
-    ttfts: list[float] = []
-    total = 0
+async def closed_loop(streams: int, requests: int, one: Callable[[], Awaitable[Sample]]) -> Round:
+    samples: list[Sample] = []
 
     async def user() -> None:
-        nonlocal total
-        for _ in range(rounds):
-            ttft, tokens = await one()
-            ttfts.append(ttft)
-            total += tokens
+        for _ in range(requests):
+            samples.append(await one())
 
     t0 = time.perf_counter()
     await asyncio.gather(*(user() for _ in range(streams)))
-    return total, time.perf_counter() - t0, ttfts
+    return Round(sum(s.tokens for s in samples), time.perf_counter() - t0, samples)
 
 
-async def run_direct(levels: list[int], tokens: int, rounds: int) -> list[LevelResult]:
+async def run_levels(
+    mode: str, levels: list[int], rounds: int, requests: int, one: Callable[[], Awaitable[Sample]]
+) -> list[Level]:
+    await one()  # warm-up (the API's tokenizer, the first engine steps)
+    out = []
+    for streams in levels:
+        level = Level(mode, streams)
+        for _ in range(rounds):
+            try:
+                level.rounds.append(await closed_loop(streams, requests, one))
+            except Exception as exc:  # a failed request spoils its round, not the run
+                level.errors += 1
+                print(f"  {mode} {streams} streams: a round failed: {exc!r}", flush=True)
+        if level.rounds:
+            s = level.summary()
+            print(
+                f"  {mode:<6} {streams:>3} streams: {s['tokens_per_s']:7.1f} tok/s  "
+                f"TTFT p50 {s['ttft_p50'] * 1e3:7.1f} p99 {s['ttft_p99'] * 1e3:7.1f} ms  "
+                f"ITL p50 {s['itl_p50'] * 1e3:6.1f} p99 {s['itl_p99'] * 1e3:6.1f} ms",
+                flush=True,
+            )
+        out.append(level)
+    return out
+
+
+# -- the three subjects -------------------------------------------------------------------
+
+
+async def run_engine(levels: list[int], tokens: int, rounds: int, requests: int) -> list[Level]:
     from transformers import AutoTokenizer
 
     from common.jobs import JobRequest, SamplingSpec
@@ -84,47 +172,43 @@ async def run_direct(levels: list[int], tokens: int, rounds: int) -> list[LevelR
     spec = SamplingSpec(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     counter = 0
 
-    async def one() -> tuple[float, int]:
+    async def one() -> Sample:
         nonlocal counter
         counter += 1
         t0 = time.perf_counter()
-        ttft = None
+        arrivals: list[float] = []
         n = 0
         async for deltas in engine.generate(f"bench-{counter}", JobRequest(prompt_token_ids=ids, sampling=spec)):
-            for d in deltas:
-                n += len(d.token_ids)
-                if ttft is None and d.text:
-                    ttft = time.perf_counter() - t0
-        return (ttft if ttft is not None else time.perf_counter() - t0), n
+            n += sum(len(d.token_ids) for d in deltas)
+            if any(d.text for d in deltas):
+                arrivals.append(time.perf_counter())
+        return sample(t0, arrivals, n)
 
-    results = []
     try:
-        await one()  # warm-up
-        for streams in levels:
-            total, seconds, ttfts = await closed_loop(streams, rounds, one)
-            r = LevelResult("direct", streams, len(ttfts), total, seconds, percentile(ttfts, 50), percentile(ttfts, 99))
-            print(f"  direct {streams:>3} streams: {r.tokens_per_s:7.1f} tok/s  TTFT p50 {r.ttft_p50:.3f}s", flush=True)
-            results.append(r)
+        return await run_levels("engine", levels, rounds, requests, one)
     finally:
         await engine.shutdown()
-    return results
 
 
-async def run_stack(levels: list[int], tokens: int, rounds: int, log_dir: Path) -> list[LevelResult]:
-    import httpx
-    from stack import Stack, free_port
-
-    from common.settings import get_settings
-
-    model = get_settings().model_name
-    slots = max(64, max(levels))
-    stack = Stack(
-        redis_port=free_port(),
-        api_port=free_port(),
-        flower_port=None,
-        log_dir=log_dir,
-        env={"WORKER_SLOTS": str(slots)},
+def sample(t0: float, arrivals: list[float], tokens: int, job_id: str | None = None, sent: float = 0.0) -> Sample:
+    end = arrivals[0] if arrivals else time.perf_counter()
+    return Sample(
+        ttft=end - t0,
+        tokens=tokens,
+        gaps=[b - a for a, b in zip(arrivals, arrivals[1:], strict=False)],
+        chunks=len(arrivals),
+        job_id=job_id,
+        sent=sent,
+        first=sent + (end - t0),
     )
+
+
+def http_client(base_url: str, streams: int, tokens: int, model: str) -> tuple[Any, Callable[[], Awaitable[Sample]]]:
+    """An HTTP streaming chat client (the same for vllm serve and llmq): a request's Sample."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    http = httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits)
     body = {
         "model": model,
         "messages": PROMPT,
@@ -134,89 +218,257 @@ async def run_stack(levels: list[int], tokens: int, rounds: int, log_dir: Path) 
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    results = []
+
+    async def one() -> Sample:
+        sent = time.time()
+        t0 = time.perf_counter()
+        arrivals: list[float] = []
+        usage = 0
+        async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            job_id = resp.headers.get("x-request-id")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.perf_counter()
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"error in stream: {chunk['error']}")
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+                if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or ()):
+                    arrivals.append(now)
+        if usage != tokens:
+            raise RuntimeError(f"asked for {tokens} tokens, usage says {usage}")
+        return sample(t0, arrivals, usage, job_id, sent)
+
+    return http, one
+
+
+async def run_serve(levels: list[int], tokens: int, rounds: int, requests: int, log_dir: Path) -> list[Level]:
+    from vllm_serve import VllmServe
+
+    from common.settings import get_settings
+
+    server = VllmServe(log_path=log_dir / "vllm-serve.log")
+    print("  " + " ".join(server.command()[1:]), flush=True)
+    try:
+        await asyncio.to_thread(server.start)
+        http, one = http_client(server.url, max(levels), tokens, get_settings().model_name)
+        async with http:
+            return await run_levels("serve", levels, rounds, requests, one)
+    finally:
+        server.stop()
+
+
+async def run_llmq(
+    levels: list[int], tokens: int, rounds: int, requests: int, log_dir: Path, breakdown: bool
+) -> tuple[list[Level], dict[int, list[dict[str, float]]]]:
+    import redis
+    from stack import Stack, free_port
+
+    from common import keys
+    from common.settings import get_settings
+
+    model = get_settings().model_name
+    env = {"WORKER_SLOTS": os.environ["WORKER_SLOTS"]}
+    if breakdown:
+        env["BENCH_TIMING"] = "1"
+    stack = Stack(redis_port=free_port(), api_port=free_port(), flower_port=None, log_dir=log_dir, env=env)
+    stamps: dict[int, list[dict[str, float]]] = {}
     try:
         stack.start_redis()
         stack.start_worker()
         stack.start_api()
-        stack.wait_ready(model, timeout=600)
-        limits = httpx.Limits(max_connections=slots + 8, max_keepalive_connections=slots + 8)
-        async with httpx.AsyncClient(base_url=stack.api_url, timeout=600, limits=limits) as http:
-
-            async def one() -> tuple[float, int]:
-                t0 = time.perf_counter()
-                ttft = None
-                usage = 0
-                async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
-                    resp.raise_for_status()
-                    async for line in resp.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        if ttft is None and '"content":"' in line and '"content":""' not in line:
-                            ttft = time.perf_counter() - t0
-                        if '"usage":{' in line:
-                            usage = json.loads(line[6:])["usage"]["completion_tokens"]
-                return (ttft if ttft is not None else time.perf_counter() - t0), usage
-
-            await one()  # warm-up (loads the API's tokenizer)
-            for streams in levels:
-                total, seconds, ttfts = await closed_loop(streams, rounds, one)
-                r = LevelResult(
-                    "stack", streams, len(ttfts), total, seconds, percentile(ttfts, 50), percentile(ttfts, 99)
-                )
-                print(
-                    f"  stack  {streams:>3} streams: {r.tokens_per_s:7.1f} tok/s  TTFT p50 {r.ttft_p50:.3f}s",
-                    flush=True,
-                )
-                results.append(r)
+        await asyncio.to_thread(stack.wait_ready, model, 1, 600)
+        http, one = http_client(stack.api_url, max(levels), tokens, model)
+        async with http:
+            results = await run_levels("llmq", levels, rounds, requests, one)
+        if breakdown:
+            r = redis.Redis.from_url(stack.redis_url)
+            await asyncio.sleep(1.0)  # the last jobs' stamps are written after their end
+            for level in results:
+                rows = stamps.setdefault(level.streams, [])
+                for s in (s for rnd in level.rounds for s in rnd.samples):
+                    raw = r.hgetall(keys.job_timing(s.job_id)) if s.job_id else {}
+                    got = {keys.text(k): float(v) for k, v in raw.items()}
+                    got.update(sent=s.sent, client=s.first)
+                    rows.append(got)
+            r.close()
+        return results, stamps
     finally:
         stack.stop()
-    return results
 
 
-def report(direct: list[LevelResult], stack: list[LevelResult], tokens: int) -> str:
+# -- the report ---------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def report(results: dict[str, list[Level]], tokens: int, dtype: str) -> str:
+    by = {mode: {lv.streams: lv.summary() for lv in levels if lv.rounds} for mode, levels in results.items()}
+    levels = sorted({n for per in by.values() for n in per})
+    present = [m for m in MODES if m in by]
     lines = [
-        f"output tokens/s and TTFT, {tokens} tokens per stream (greedy, ignore_eos)",
+        f"dtype {dtype}; {tokens} output tokens per request (greedy, ignore_eos); figures are medians over rounds",
         "",
-        "| streams | direct tok/s | stack tok/s | stack/direct | direct TTFT p50 / p99 | stack TTFT p50 / p99 |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| streams | " + " | ".join(f"{m} tok/s" for m in present) + " | llmq/serve | llmq/engine |",
+        "|---:|" + "---:|" * (len(present) + 2),
     ]
-    for d, s in zip(direct, stack, strict=True):
-        lines.append(
-            f"| {d.streams} | {d.tokens_per_s:.1f} | {s.tokens_per_s:.1f} | {s.tokens_per_s / d.tokens_per_s:.2f} "
-            f"| {d.ttft_p50:.3f} / {d.ttft_p99:.3f} s | {s.ttft_p50:.3f} / {s.ttft_p99:.3f} s |"
-        )
+
+    def ratio(a: str, b: str, n: int, key: str) -> str:
+        if n in by.get(a, {}) and n in by.get(b, {}):
+            return f"{by[a][n][key] / by[b][n][key]:.2f}"
+        return "-"
+
+    def cell(mode: str, n: int, *figures: str, scale: Callable[[float], str] = ms) -> str:
+        s = by[mode].get(n)
+        return " / ".join(scale(s[f]) for f in figures) if s else "-"
+
+    for n in levels:
+        row = [cell(m, n, "tokens_per_s", scale=lambda v: f"{v:.1f}") for m in present]
+        lines.append(f"| {n} | " + " | ".join(row) + f" | {ratio('llmq', 'serve', n, 'tokens_per_s')} "
+                     f"| {ratio('llmq', 'engine', n, 'tokens_per_s')} |")  # fmt: skip
+
+    def added(n: int, key: str) -> str:
+        if n in by.get("llmq", {}) and n in by.get("serve", {}):
+            return f"{(by['llmq'][n][key] - by['serve'][n][key]) * 1e3:+.1f}"
+        return "-"
+
+    lines += [
+        "",
+        "TTFT p50 / p99, ms (request sent to first content)",
+        "",
+        "| streams | " + " | ".join(present) + " | llmq-serve p50 | llmq-serve p99 | llmq/serve p99 |",
+        "|---:|" + "---:|" * (len(present) + 3),
+    ]
+    for n in levels:
+        row = [cell(m, n, "ttft_p50", "ttft_p99") for m in present]
+        lines.append(f"| {n} | " + " | ".join(row) + f" | {added(n, 'ttft_p50')} | {added(n, 'ttft_p99')} "
+                     f"| {ratio('llmq', 'serve', n, 'ttft_p99')} |")  # fmt: skip
+    lines += [
+        "",
+        "Inter-token latency, ms: between content chunks p50 / p99 (all streams), worst stream's p99; tokens per chunk",
+        "",
+        "| streams | " + " | ".join(f"{m} p50 / p99 / worst" for m in present) + " | "
+        + " | ".join(f"{m} tok/chunk" for m in present) + " |",
+        "|---:|" + "---:|" * (2 * len(present)),
+    ]  # fmt: skip
+    for n in levels:
+        row = [cell(m, n, "itl_p50", "itl_p99", "itl_worst_stream_p99") for m in present]
+        row += [cell(m, n, "tokens_per_chunk", scale=lambda v: f"{v:.2f}") for m in present]
+        lines.append(f"| {n} | " + " | ".join(row) + " |")
+    errors = {f"{lv.mode}@{lv.streams}": lv.errors for levels_ in results.values() for lv in levels_ if lv.errors}
+    if errors:
+        lines += ["", f"failed rounds (left out): {errors}"]
+    return "\n".join(lines)
+
+
+def stage_figures(rows: list[dict[str, float]]) -> dict[str, tuple[float, float, int]]:
+    """Per stage: p50, p99 (seconds) and how many requests had both its stamps."""
+    per: dict[str, list[float]] = {}
+    for stamps in rows:
+        for name, seconds in timing.stage_durations(stamps).items():
+            per.setdefault(name, []).append(seconds)
+        if "sent" in stamps and "client" in stamps:
+            per.setdefault("TTFT", []).append(stamps["client"] - stamps["sent"])
+    return {name: (percentile(v, 50), percentile(v, 99), len(v)) for name, v in per.items()}
+
+
+def breakdown_report(stamps: dict[int, list[dict[str, float]]], results: dict[str, list[Level]]) -> str:
+    levels = sorted(stamps)
+    figures = {n: stage_figures(stamps[n]) for n in levels}
+    lines = [
+        "llmq's time to first token by stage, ms p50 / p99 (BENCH_TIMING stamps, every request of the level)",
+        "",
+        "| stage | what | " + " | ".join(f"{n} streams" for n in levels) + " |",
+        "|---|---|" + "---:|" * len(levels),
+    ]
+    for name, _, _, what in (*timing.STAGES, ("TTFT", "", "", "sent to first content, as the client saw it")):
+        cells = []
+        for n in levels:
+            f = figures[n].get(name)
+            cells.append(f"{ms(f[0])} / {ms(f[1])}" if f else "-")
+        lines.append(f"| {name} | {what} | " + " | ".join(cells) + " |")
+    for mode in ("engine", "serve"):
+        by = {lv.streams: lv.summary() for lv in results.get(mode, []) if lv.rounds}
+        if by:
+            cells = [f"{ms(by[n]['ttft_p50'])} / {ms(by[n]['ttft_p99'])}" if n in by else "-" for n in levels]
+            lines.append(f"| ({mode} TTFT) | for comparison | " + " | ".join(cells) + " |")
+    missing = {n: sum(1 for r in stamps[n] if "sse" not in r) for n in levels}
+    if any(missing.values()):
+        lines += ["", f"requests without the API's stamps (left out of their stages): {missing}"]
     return "\n".join(lines)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="stack vs direct engine: streaming throughput and TTFT")
+    parser = argparse.ArgumentParser(description="llmq vs vllm serve vs the engine alone: streaming figures")
+    parser.add_argument("--only", default=",".join(MODES), help="which of engine,serve,llmq to run")
     parser.add_argument("--levels", default="1,8,32,64")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each level; figures are their medians")
+    parser.add_argument("--requests", type=int, default=2, help="requests per stream in each round")
+    parser.add_argument("--no-breakdown", action="store_true", help="llmq without BENCH_TIMING stamps")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--logs", type=Path, default=ROOT / "var" / "bench-logs")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    modes = [m.strip() for m in args.only.split(",") if m.strip()]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        parser.error(f"--only takes {','.join(MODES)}; not {','.join(sorted(unknown))}")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # The llmq worker's slots, and so max_num_seqs for all three (worker.engine.max_num_seqs).
+    os.environ.setdefault("WORKER_SLOTS", str(max(64, max(levels))))
 
-    print("direct engine (in-process):", flush=True)
-    direct = asyncio.run(run_direct(levels, args.tokens, args.rounds))
-    print("whole stack (API + Redis + Celery worker), SSE clients:", flush=True)
-    stack = asyncio.run(run_stack(levels, args.tokens, args.rounds, args.logs))
+    from common.settings import get_settings
+    from worker.engine import max_num_seqs, resolve_dtype, resolve_eager
+
+    settings = get_settings()
+    dtype = resolve_dtype(settings)
+    print(
+        f"model {settings.model_name}, dtype {dtype}, enforce_eager {resolve_eager(settings)}, "
+        f"max_num_seqs {max_num_seqs(settings)}, levels {levels}, {args.rounds} rounds x {args.requests} "
+        f"requests per stream, {args.tokens} tokens",
+        flush=True,
+    )
+    results: dict[str, list[Level]] = {}
+    stamps: dict[int, list[dict[str, float]]] = {}
+    for mode in (m for m in MODES if m in modes):
+        print(f"{TITLES[mode]}:", flush=True)
+        if mode == "engine":
+            results[mode] = asyncio.run(run_engine(levels, args.tokens, args.rounds, args.requests))
+        elif mode == "serve":
+            results[mode] = asyncio.run(run_serve(levels, args.tokens, args.rounds, args.requests, args.logs))
+        else:
+            results[mode], stamps = asyncio.run(
+                run_llmq(levels, args.tokens, args.rounds, args.requests, args.logs, not args.no_breakdown)
+            )
     print()
-    print(report(direct, stack, args.tokens))
+    print(report(results, args.tokens, dtype))
+    if stamps:
+        print()
+        print(breakdown_report(stamps, results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "direct": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in direct],
-                    "stack": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in stack],
-                },
-                indent=2,
-            )
-        )
+        out: dict[str, Any] = {
+            "model": settings.model_name,
+            "dtype": dtype,
+            "tokens": args.tokens,
+            "rounds": args.rounds,
+            "requests_per_stream": args.requests,
+            "results": {
+                mode: [{"streams": lv.streams, **(lv.summary() if lv.rounds else {})} for lv in levels_]
+                for mode, levels_ in results.items()
+            },
+            "stages": {
+                str(n): {name: {"p50": f[0], "p99": f[1], "n": f[2]} for name, f in stage_figures(rows).items()}
+                for n, rows in stamps.items()
+            },
+        }
+        args.json.write_text(json.dumps(out, indent=2))
     return 0
 
 
