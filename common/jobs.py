@@ -316,6 +316,9 @@ class ModelCard(BaseModel):
     name: str
     max_model_len: int
     tokenizer_digest: str
+    # The weights' data type the workers run ("bfloat16", "float32"; "fake" for the fake
+    # engine): for operators and benchmarks.
+    dtype: str | None = None
     created: int
     # What the workers of this model can do (as `vllm serve`'s --tool-call-parser,
     # --enable-auto-tool-choice, --reasoning-parser): the API refuses what they cannot.

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     fake_step_seconds: float = Field(default=0.0, ge=0)
     # Upper bound on prompt + completion tokens; default: the model's own context.
     max_model_len: int | None = None
-    # `auto`: the checkpoint's dtype on a GPU, float32 on a CPU (see worker.vllm_engine).
+    # `auto`: the checkpoint's dtype, as vLLM's own `auto` (see worker.engine.resolve_dtype).
     dtype: str = "auto"
     # GPU only: the fraction of GPU memory vLLM may take.
     gpu_memory_utilization: float = 0.9

@@ -17,6 +17,9 @@ class EngineRequestError(ValueError):
 class Engine(Protocol):
     #: prompt + completion token limit, known once `start` returned.
     max_model_len: int
+    #: the weights' data type the engine runs ("bfloat16", "float32", ...), known once
+    #: `start` returned; announced on the model card.
+    dtype: str
 
     async def start(self) -> None:
         """Build the engine; called once, on the event loop that will drive it."""
@@ -52,14 +55,17 @@ def has_cuda() -> bool:
 
 
 def resolve_dtype(settings: Settings) -> str:
-    """DTYPE `auto` means the checkpoint's dtype on a GPU, float32 on a CPU: vLLM's CPU
-    build in bf16 was seen to derail the default model's greedy answers ("L'Étoile, la
-    Marseillaise" instead of "The capital of France is Paris."). Here, not in the vLLM
-    adapter, so what a worker runs with can be known without importing vllm (the parity
-    tests start `vllm serve` with the same)."""
-    if settings.dtype != "auto":
-        return settings.dtype
-    return "auto" if has_cuda() else "float32"
+    """The DTYPE the engine is built with. `auto` is vLLM's own `auto`: the checkpoint's
+    dtype (bfloat16 for the default model) on a GPU and on a CPU alike, as `vllm serve`
+    does. Until issue 12 a CPU ran float32, because bf16 had been seen to derail the
+    default model's greedy answers; that could not be reproduced (the first worker's own
+    code, run again on this checkpoint and vLLM build, answers in bf16 as in float32; so
+    do vLLM's AVX512-without-BF16 and AVX2 kernels), and the engine is about 1.7x faster
+    in bf16 (tests/integration/test_chat.py::test_default_dtype_answers_right). A CPU
+    without bf16 instructions may be faster with DTYPE=float32. Here, not in the vLLM
+    adapter, so what a worker runs with is known without importing vllm (the parity tests
+    start `vllm serve` with the same)."""
+    return settings.dtype
 
 
 def resolve_eager(settings: Settings) -> bool:

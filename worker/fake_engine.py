@@ -58,6 +58,7 @@ class FakeEngine:
     def __init__(self, settings: Settings, tokens_per_step: int = 8):
         self.settings = settings
         self.max_model_len = settings.max_model_len or 8192
+        self.dtype = "fake"
         self.tokens_per_step = tokens_per_step
         self.step_seconds = settings.fake_step_seconds
         self._aborted: set[str] = set()

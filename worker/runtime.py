@@ -152,6 +152,7 @@ class WorkerRuntime:
         self.card = ModelCard(
             name=self.settings.model_name,
             max_model_len=self.engine.max_model_len,
+            dtype=self.engine.dtype,
             tokenizer_digest=digest.hexdigest()[:32],
             created=int(time.time()),
             # What its engine's parsers can do (issue 10): the API refuses the rest.

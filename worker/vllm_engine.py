@@ -83,6 +83,7 @@ class VllmEngine:
         self.settings = settings
         self.llm: AsyncLLM | None = None
         self.max_model_len = 0
+        self.dtype = ""
         # Rich jobs (issue 10): vLLM's OpenAI machinery, built once the engine is up.
         self.frontend: OpenAIFrontend | None = None
         # Jobs with several prompts: the vLLM request ids of each (abort takes them all).
@@ -112,6 +113,7 @@ class VllmEngine:
         )
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger])
         self.max_model_len = self.llm.model_config.max_model_len
+        self.dtype = str(self.llm.model_config.dtype).removeprefix("torch.")
         try:
             self.frontend = OpenAIFrontend.build(
                 self.llm.get_tokenizer(),
@@ -126,8 +128,9 @@ class VllmEngine:
             self.llm = None
             raise
         log.info(
-            "vLLM engine ready: %s (max_model_len=%d, tool_call_parser=%s, reasoning_parser=%s)",
+            "vLLM engine ready: %s (dtype=%s, max_model_len=%d, tool_call_parser=%s, reasoning_parser=%s)",
             s.model_path,
+            self.dtype,
             self.max_model_len,
             s.tool_call_parser or None,
             s.reasoning_parser or None,

@@ -26,6 +26,29 @@ def test_models_lists_the_live_model(client, model, http):
     assert health["status"] == "ok" and health["models"] == [model]
 
 
+async def test_default_dtype_answers_right(aclient, model, redis):
+    """Issue 12: the worker runs the checkpoint's dtype (bf16) by default, as `vllm serve`
+    does, and answers right with it, one at a time and among 32 concurrent requests
+    (float32 was the CPU default because bf16 was once seen to derail these answers)."""
+    from common import keys
+    from common.jobs import ModelCard
+
+    card = ModelCard.model_validate_json(redis.get(keys.model_card(model)))
+    assert card.dtype == "bfloat16"
+    colors = [{"role": "user", "content": "Name three colors."}]
+
+    async def ask(messages):
+        r = await aclient.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24)
+        return r.choices[0].message.content
+
+    alone = [await ask(FRANCE), await ask(colors)]
+    assert alone[0].startswith("The capital of France is Paris")
+    assert all(c in alone[1] for c in ("Red", "Blue", "Green"))
+    together = await asyncio.gather(*(ask(FRANCE if i % 2 == 0 else colors) for i in range(32)))
+    assert all(t.startswith("The capital of France is Paris") for t in together[0::2]), together[0::2]
+    assert all(all(c in t for c in ("Red", "Blue", "Green")) for t in together[1::2]), together[1::2]
+
+
 def test_non_streaming_answer_and_exact_usage(client, model, tokenizer):
     r = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=30)
     text = r.choices[0].message.content
