@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -139,6 +140,13 @@ def submit_background(s: HostStack, max_tokens: int) -> str:
     return str(resp.json()["id"])
 
 
+def submit_many(s: HostStack, n: int, max_tokens: int) -> list[str]:
+    """`n` background jobs posted at once (so they meet the workers together, however
+    slow this machine answers one POST)."""
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: submit_background(s, max_tokens), range(n)))
+
+
 def final(s: HostStack, job_id: str) -> dict[str, Any]:
     resp = httpx.get(s.api_url + f"/v1/chat/completions/{job_id}", timeout=30)
     resp.raise_for_status()
@@ -175,10 +183,10 @@ def test_workers_on_hosts_join_and_leave_with_no_api_restart(hstack: HostStack) 
     net.start_worker(s, h2, "w2")
     wait_until(lambda: len(registered(s)) == 2, 60, "host 2's worker registered")
     assert h2.address in peers(s)
-    jobs = [submit_background(s, 80) for _ in range(3 * SLOTS)]
+    jobs = submit_many(s, 3 * SLOTS, 160)
     wait_until(lambda: all(record(s, j).get("status") in TERMINAL for j in jobs), 60, "the jobs ended")
     for j in jobs:
-        assert_completed_whole(s, j, 80)
+        assert_completed_whole(s, j, 160)
     served = {record(s, j)["worker"] for j in jobs}
     assert any(on_host(w, h1) for w in served) and any(on_host(w, h2) for w in served), served
 
@@ -236,11 +244,12 @@ async def test_losing_a_host_mid_load_loses_no_accepted_job(hstack: HostStack) -
     tokens = 384
     loop = asyncio.get_running_loop()
 
-    # Before: most of what the three hosts hold, some streamed through the API. The lost
-    # host keeps a free slot or so, so its consumer is likely blocked in BRPOP when it
-    # goes: Redis then hands the next message to its dead connection, and the sweeper
-    # must send that one again (QUEUE_RESEND_SECONDS).
-    before = [await loop.run_in_executor(None, submit_background, s, tokens) for _ in range(2 * SLOTS)]
+    # Before: 11 jobs for the 12 slots, 2 of them streamed through the API. Any two hosts
+    # hold at most 8, so the one to be lost runs a background job or more, and likely
+    # keeps a slot free: its consumer then waits in BRPOP when it goes, and Redis hands
+    # the next message to the dead connection, to be sent again by the sweeper
+    # (QUEUE_RESEND_SECONDS).
+    before = await loop.run_in_executor(None, submit_many, s, 2 * SLOTS + 1, tokens)
     streams = [asyncio.create_task(stream(s, tokens)) for _ in range(2)]
     held = await loop.run_in_executor(
         None,
@@ -256,7 +265,7 @@ async def test_losing_a_host_mid_load_loses_no_accepted_job(hstack: HostStack) -
     # The host is gone: link down, then its processes SIGKILLed.
     net.lose_host(s, victim)
     # During: jobs accepted while the loss is not yet noticed.
-    during = [await loop.run_in_executor(None, submit_background, s, tokens) for _ in range(SLOTS)]
+    during = await loop.run_in_executor(None, submit_many, s, SLOTS, tokens)
     streams += [asyncio.create_task(stream(s, tokens)) for _ in range(2)]
 
     everything = before + during
