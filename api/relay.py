@@ -37,6 +37,9 @@ class Subscription:
         self.channel = channel
         self._queue: asyncio.Queue[ChunkEvent | StreamClosed] = asyncio.Queue(maxsize)
         self.closed = False
+        # The end of the stream, met by `ready` behind the events before it: raised by
+        # the next `get`.
+        self._held: StreamClosed | None = None
 
     def _deliver(self, event: ChunkEvent) -> None:
         if self.closed:
@@ -59,10 +62,24 @@ class Subscription:
         self._queue.put_nowait(error)
 
     async def get(self) -> ChunkEvent:
+        if self._held is not None:
+            raise self._held
         item = await self._queue.get()
         if isinstance(item, StreamClosed):
             raise item
         return item
+
+    def ready(self, limit: int) -> list[ChunkEvent]:
+        """Up to `limit` events already delivered, without waiting (a reader that fell
+        behind sends them to its client in one write)."""
+        out: list[ChunkEvent] = []
+        while len(out) < limit and self._held is None and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, StreamClosed):
+                self._held = item
+            else:
+                out.append(item)
+        return out
 
 
 class StreamRelay:

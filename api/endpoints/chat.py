@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -408,81 +408,113 @@ class JobAdapter:
         timer: RequestTimer | None = None,
         with_ids: bool = False,
     ) -> AsyncIterator[dict[str, str]]:
+        """`stream_batches`, one SSE event at a time."""
+        batches = self.stream_batches(job, subscription, after, cancel_on_disconnect, shutdown, timer, with_ids)
+        try:
+            async for batch in batches:
+                for item in batch:
+                    yield item
+        finally:
+            with anyio.CancelScope(shield=True):
+                await batches.aclose()
+
+    async def stream_batches(
+        self,
+        job: JobView,
+        subscription: Subscription | None = None,
+        after: int = -1,
+        cancel_on_disconnect: bool = False,
+        shutdown: anyio.Event | None = None,
+        timer: RequestTimer | None = None,
+        with_ids: bool = False,
+    ) -> AsyncGenerator[list[dict[str, str]], None]:
         """SSE events ending with `[DONE]`: `data` lines only, as OpenAI and vLLM send
         them, each chunk carrying its job event's `seq` (a resume cursor); with
         `with_ids` (the resume endpoint) each event also has it as its SSE `id`, so
         `Last-Event-ID` resumes exactly after it. Leaving an ordinary stream cancels its
         job; a server shutting down (`shutdown` set) does not: the client resumes on
         another API process. `timer`: the request that created the job (not a resumed
-        stream) times what its client sees (api.metrics)."""
+        stream) times what its client sees (api.metrics).
+
+        In batches, each written to the client at once (`api.routes.chat.sse`): the
+        events that were ready together (a reader that fell behind), and the last chunks
+        with `[DONE]`. The bytes on the wire are the same; there are fewer writes."""
 
         def event(data: str, seq: int | None = None) -> dict[str, str]:
             return {"data": data, "id": str(seq)} if with_ids and seq is not None else {"data": data}
 
         finished = False
+        out: list[dict[str, str]] = []
         try:
             if after < 0 and job.kind == "chat":
                 role = {"role": "assistant", "content": ""}
-                yield event(
-                    chunk_json(
-                        job,
-                        [{"index": i, "delta": role, "logprobs": None, "finish_reason": None} for i in range(job.n)],
-                    )
-                )
+                first = [{"index": i, "delta": role, "logprobs": None, "finish_reason": None} for i in range(job.n)]
+                yield [event(chunk_json(job, first))]
             # The attempt whose output the client has (a resumed client: that of its cursor).
             sent_in: int | None = None
             if after >= 0 and not job.continuable:
                 sent_in = await self._attempt_at(job.id, after)
             try:
-                async for ev in self.pipeline.follow(job.id, after, subscription):
-                    if ev.kind == "delta":
-                        if not job.continuable and sent_in is None and ev.attempt < job.attempt:
-                            continue  # a superseded attempt's output: the reader has none of it
-                        if not job.continuable and sent_in is not None and ev.attempt != sent_in:
-                            raise StreamClosed(
-                                "the worker running this job was lost and the job started over; its stream cannot "
-                                "continue without repeating or mixing output (several choices, or tool calls, "
-                                "structured output, reasoning or logprobs). Fetch the result: "
-                                f"GET {self.path}/{job.id}",
-                                code="worker_lost",
-                            )
-                        choices = [d for d in (delta_choice(job, c) for c in ev.choices) if d is not None]
-                        if choices:
-                            sent_in = ev.attempt
-                            yield event(chunk_json(job, choices, attempt=ev.attempt, seq=ev.seq), ev.seq)
-                            if timer is not None and any(c.text or c.tool_calls or c.reasoning for c in ev.choices):
-                                timer.content_sent()  # metrics: sent (the next one is asked for)
-                            if timing.ENABLED:
-                                timing.stamp(job.id, "sse")
-                    elif ev.kind == "done":
-                        finished = True
-                        # Ends that came with no delta (cancelled while queued, or by the reaper).
-                        tail: list[dict[str, Any]] = [
-                            d
-                            for c in ev.choices
-                            if c.finish_reason
-                            and (d := delta_choice(job, ChoiceDelta(index=c.index, finish_reason=c.finish_reason)))
-                        ]
-                        usage = job.include_usage and ev.usage is not None
-                        if tail:
-                            # Each seq once on the wire: the usage chunk, if one follows, has it.
-                            seq = None if usage else ev.seq
-                            yield event(chunk_json(job, tail, attempt=ev.attempt, seq=seq), seq)
-                        if usage:
-                            yield event(chunk_json(job, [], ev.usage, attempt=ev.attempt, seq=ev.seq), ev.seq)
-                    else:
-                        finished = True
-                        # The job's own error carries its seq (a stream that broke has none).
-                        error = ServiceError.from_dict(ev.error or {}).to_dict() | {"seq": ev.seq}
-                        yield event(json.dumps(error), ev.seq)
+                async for batch in self.pipeline.follow_batches(job.id, after, subscription):
+                    content = False
+                    for ev in batch:
+                        if ev.kind == "delta":
+                            if not job.continuable and sent_in is None and ev.attempt < job.attempt:
+                                continue  # a superseded attempt's output: the reader has none of it
+                            if not job.continuable and sent_in is not None and ev.attempt != sent_in:
+                                raise StreamClosed(
+                                    "the worker running this job was lost and the job started over; its stream "
+                                    "cannot continue without repeating or mixing output (several choices, or tool "
+                                    "calls, structured output, reasoning or logprobs). Fetch the result: "
+                                    f"GET {self.path}/{job.id}",
+                                    code="worker_lost",
+                                )
+                            choices = [d for d in (delta_choice(job, c) for c in ev.choices) if d is not None]
+                            if choices:
+                                sent_in = ev.attempt
+                                out.append(event(chunk_json(job, choices, attempt=ev.attempt, seq=ev.seq), ev.seq))
+                                content = content or any(c.text or c.tool_calls or c.reasoning for c in ev.choices)
+                        elif ev.kind == "done":
+                            finished = True
+                            # Ends that came with no delta (cancelled while queued, or by the reaper).
+                            tail: list[dict[str, Any]] = [
+                                d
+                                for c in ev.choices
+                                if c.finish_reason
+                                and (d := delta_choice(job, ChoiceDelta(index=c.index, finish_reason=c.finish_reason)))
+                            ]
+                            usage = job.include_usage and ev.usage is not None
+                            if tail:
+                                # Each seq once on the wire: the usage chunk, if one follows, has it.
+                                seq = None if usage else ev.seq
+                                out.append(event(chunk_json(job, tail, attempt=ev.attempt, seq=seq), seq))
+                            if usage:
+                                out.append(event(chunk_json(job, [], ev.usage, attempt=ev.attempt, seq=ev.seq), ev.seq))
+                        else:
+                            finished = True
+                            # The job's own error carries its seq (a stream that broke has none).
+                            error = ServiceError.from_dict(ev.error or {}).to_dict() | {"seq": ev.seq}
+                            out.append(event(json.dumps(error), ev.seq))
+                    # (The end goes out with [DONE], in one write: the reader stops after it.)
+                    if out and not finished:
+                        sending, out = out, []
+                        yield sending
+                        if timer is not None and content:
+                            timer.content_sent()  # metrics: sent (the next one is asked for)
+                        if timing.ENABLED:
+                            timing.stamp(job.id, "sse")
             except ServiceError as exc:
                 finished = True
-                yield {"data": json.dumps(exc.to_dict())}
+                out.append({"data": json.dumps(exc.to_dict())})
             except RedisError:
                 finished = True
-                yield {"data": json.dumps(ServiceUnavailableError("lost the connection to Redis mid-stream").to_dict())}
+                out.append(
+                    {"data": json.dumps(ServiceUnavailableError("lost the connection to Redis mid-stream").to_dict())}
+                )
             finished = True
-            yield {"data": DONE}
+            out.append({"data": DONE})
+            sending, out = out, []
+            yield sending
             if timer is not None:
                 timer.ended()  # metrics: [DONE] sent
         finally:

@@ -149,6 +149,11 @@ class JobPipeline:
     ) -> AsyncIterator[ChunkEvent]:
         return self.reader.follow(job_id, after, subscription)
 
+    def follow_batches(
+        self, job_id: str, after: int = -1, subscription: Subscription | None = None
+    ) -> AsyncIterator[list[ChunkEvent]]:
+        return self.reader.follow_batches(job_id, after, subscription)
+
     async def cancel(self, job_id: str, quiet: bool = False, source: str | None = None) -> str:
         """Cancel a job: the status it had. A queued job ends now; a running one is
         aborted by its worker (announced at once, and flagged in the record in case the

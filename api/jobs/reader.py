@@ -27,6 +27,8 @@ from common.jobstore import JobStore
 
 # With no event for this long, a reader checks the job still exists and catches up from its log.
 IDLE_CHECK_SECONDS = 5.0
+# Most events a reader hands on in one batch (one write to its client).
+BATCH_EVENTS = 64
 # Largest cursor accepted (event ids are list indexes; Redis takes 64-bit signed ones).
 MAX_CURSOR = 2**53
 
@@ -53,18 +55,35 @@ class JobReader:
     async def follow(
         self, job_id: str, after: int = -1, subscription: Subscription | None = None
     ) -> AsyncIterator[ChunkEvent]:
+        async for batch in self.follow_batches(job_id, after, subscription):
+            for event in batch:
+                yield event
+
+    async def follow_batches(
+        self, job_id: str, after: int = -1, subscription: Subscription | None = None
+    ) -> AsyncIterator[list[ChunkEvent]]:
+        """`follow`, in batches: the events that were ready together (a catch-up from the
+        log, or what the channel delivered while the reader was busy), so a reader that
+        fell behind writes them to its client at once. Never an empty batch."""
         channel = keys.job_channel(job_id)
         sub = subscription or await self.relay.subscribe(channel)
         next_seq = after + 1
+        # A job subscribed to before it was queued (the caller's `subscription`, from the
+        # start) has nothing in its log the channel will not carry: the first read of the
+        # log is skipped (a gap, an interruption or a silence reads it, as always).
+        read_log = subscription is None or after >= 0
         try:
             while True:
                 # Catch up from the replay log.
-                caught_up = await self.store.log(job_id, next_seq)
-                for event in caught_up:
-                    yield event
-                    next_seq = event.seq + 1
-                    if event.kind != "delta":
+                caught_up = await self.store.log(job_id, next_seq) if read_log else []
+                read_log = True
+                if caught_up:
+                    end = next((i for i, e in enumerate(caught_up) if e.kind != "delta"), None)
+                    if end is not None:
+                        yield caught_up[: end + 1]
                         return
+                    yield caught_up
+                    next_seq = caught_up[-1].seq + 1
                 # (An empty read from seq 0 is an empty log: nothing has ended. This skips a
                 # round trip at the start of every new stream.)
                 if not caught_up and next_seq > 0 and await self._ended_before(job_id, next_seq):
@@ -74,7 +93,7 @@ class JobReader:
                     try:
                         # asyncio.timeout, not wait_for: no extra task per event on the token path.
                         async with asyncio.timeout(IDLE_CHECK_SECONDS):
-                            event = await sub.get()
+                            first = await sub.get()
                     except TimeoutError:
                         if not await self.redis.exists(keys.job(job_id)):
                             raise StreamClosed(
@@ -91,16 +110,28 @@ class JobReader:
                                 "the stream was cut: Redis lost the job", code="stream_interrupted"
                             ) from exc
                         break
-                    if event.seq < next_seq:
+                    batch: list[ChunkEvent] = []
+                    gap = ended = False
+                    for event in [first, *sub.ready(BATCH_EVENTS)]:
+                        if event.seq < next_seq:
+                            if event.kind != "delta":
+                                ended = True  # the end, which the reader's cursor is already past
+                                break
+                            continue
+                        if event.seq > next_seq:
+                            gap = True  # missed some: the log has them (what is after, too)
+                            break
+                        batch.append(event)
+                        next_seq += 1
                         if event.kind != "delta":
-                            return  # the end, which the reader's cursor is already past
-                        continue
-                    if event.seq > next_seq:
-                        break  # missed some: the log has them
-                    yield event
-                    next_seq += 1
-                    if event.kind != "delta":
+                            ended = True
+                            break
+                    if batch:
+                        yield batch
+                    if ended:
                         return
+                    if gap:
+                        break
         finally:
             with anyio.CancelScope(shield=True):
                 await self.relay.unsubscribe(sub)

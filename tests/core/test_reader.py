@@ -77,3 +77,23 @@ async def test_a_cursor_ahead_of_a_running_job_ends_with_the_job(reader):
     await asyncio.sleep(0.2)
     await store.append(record.id, 1, 1, [delta(1, "b"), done(2)])
     assert await asyncio.wait_for(following, 10) == []
+
+
+async def test_a_fresh_subscription_batches_what_is_ready_and_fills_a_gap_from_the_log(reader, redis):
+    """A job subscribed to before it was queued skips the first read of its log; events
+    the channel delivered while the reader was busy come in one batch, and a gap among
+    them (pub/sub lost one) is filled from the log, each event once and in order."""
+    r, store = reader
+    record = await running_job(store)
+    sub = await r.relay.subscribe(keys.job_channel(record.id))
+    await store.append(record.id, 1, 0, [delta(0, "a"), delta(1, "b")])
+    await redis.rpush(keys.job_log(record.id), delta(2, "c"))  # logged, never published
+    await store.append(record.id, 1, 3, [delta(3, "d"), done(4)])
+    await asyncio.sleep(0.2)  # all of it delivered to the subscription before reading
+    batches = await asyncio.wait_for(_batches(r, record.id, sub), 10)
+    assert [[e.seq for e in b] for b in batches] == [[0, 1], [2, 3, 4]]
+    assert "".join(c.text for b in batches for e in b for c in e.choices) == "abcd"
+
+
+async def _batches(reader: JobReader, job_id: str, sub) -> list[list[ChunkEvent]]:
+    return [b async for b in reader.follow_batches(job_id, -1, sub)]

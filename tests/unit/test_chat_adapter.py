@@ -11,6 +11,7 @@ from sse_starlette import ServerSentEvent
 
 from api.endpoints.chat import ChatAdapter, JobView, resolve_max_tokens, sampling_from_request
 from api.relay import StreamClosed, Subscription
+from api.routes.chat import written_together
 from common.errors import ContextLengthError, InvalidRequestError
 from common.jobs import ChoiceDelta, ChunkEvent
 from common.schemas import ChatCompletionRequest, Usage
@@ -59,6 +60,14 @@ class ScriptedPipeline:
                 yield event
                 if event.kind != "delta":
                     return
+
+    async def follow_batches(self, job_id, after=-1, subscription=None):
+        """One event a batch, or all of them in one (`together`: a reader that fell behind)."""
+        if getattr(self, "together", False):
+            yield [e async for e in self.follow(job_id, after, subscription)]
+            return
+        async for event in self.follow(job_id, after, subscription):
+            yield [event]
 
     async def cancel(self, job_id, quiet=False, source="client"):
         self.cancelled.append(job_id)
@@ -120,6 +129,24 @@ async def test_stream_wire_format():
         "total_tokens": 7,
     }
     assert all("attempt" not in d for d in datas)
+
+
+async def test_events_ready_together_and_the_end_go_out_in_one_write_with_the_same_bytes():
+    """A reader that fell behind writes what was ready in one send, and the last chunks go
+    with [DONE]: fewer writes, the same bytes on the wire as one event a write."""
+    one_by_one = ScriptedService(EVENTS)
+    together = ScriptedService(EVENTS)
+    together.scripted.together = True
+    batches = [b async for b in one_by_one.stream_batches(view(include_usage=True))]
+    # The role chunk at once; then a write per delta; the usage chunk goes with [DONE].
+    assert [len(b) for b in batches] == [1, 1, 1, 2]
+    assert batches[-1][-1] == {"data": "[DONE]"}
+    batches_together = [b async for b in together.stream_batches(view(include_usage=True))]
+    assert [len(b) for b in batches_together] == [1, 4]
+    writes = [w async for w in written_together(together.stream_batches(view(include_usage=True)))]
+    events = [e for b in batches for e in b]
+    assert len(writes) == 2
+    assert b"".join(writes) == b"".join(ServerSentEvent(**e, sep="\n").encode() for e in events)
 
 
 async def test_resumed_stream_starts_after_the_given_event_without_role_chunk():
