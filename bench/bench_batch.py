@@ -2,19 +2,24 @@
 
 1. Orchestration ceiling: a `--fake-lines` (10,000) line batch on a worker with the
    trivially fast fake engine (ENGINE=fake): what the API, Redis, Celery and the worker
-   runtime cost on their own.
-2. Real model: `--real-lines` (256) lines on the default model through the whole stack,
+   runtime cost on their own, with the CPU seconds each process spent per line (where
+   the ceiling sits).
+2. API memory for a large input file (`--memory-mb`, 200 MB; fake engine, one token a
+   line): the API's resident memory (all its processes) idle, after the upload, after
+   validation, at its peak while the lines run, after the results are written and after
+   the output file is downloaded. The file is written to disk and streamed both ways.
+3. Real model: `--real-lines` (256) lines on the default model through the whole stack,
    next to the same requests on the engine alone, in-process, at the concurrency the
    batch runs at (the workers' batch share of slots).
 
-    python bench/bench_batch.py [--fake-lines 10000] [--real-lines 256] [--tokens 32]
+    python bench/bench_batch.py [--fake-lines 10000] [--memory-mb 200] [--real-lines 256]
+                                [--tokens 32] [--skip-fake] [--skip-memory] [--skip-real]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import sys
@@ -33,38 +38,88 @@ PROMPTS = [
 ]
 
 
-def batch_lines(n: int, model: str, tokens: int) -> bytes:
-    out = io.StringIO()
-    for i in range(n):
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-            "max_tokens": tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-        out.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
-        out.write("\n")
-    return out.getvalue().encode()
+def write_batch_file(path: Path, n: int, model: str, tokens: int, line_bytes: int = 0) -> int:
+    """Write an input file of `n` lines; with `line_bytes`, each line's prompt is padded
+    with words to about that size. Returns its size in bytes."""
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            if line_bytes:
+                words = " ".join(f"word{(i + k) % 997}" for k in range(line_bytes // 8))
+                prompt = f"{prompt} {words}"[: max(len(prompt), line_bytes - 260)]
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            line = {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+            f.write(json.dumps(line) + "\n")
+    return path.stat().st_size
 
 
-def run_stack_batch(lines: int, tokens: int, engine: str, slots: int, logs: Path) -> dict[str, float]:
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                pids.append(int(entry))
+    return pids
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) of every process in a process group."""
+    total = 0
+    for pid in _group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory of every process in a process group (MB)."""
+    total = 0
+    for pid in _group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+def run_stack_batch(
+    lines: int, tokens: int, engine: str, slots: int, logs: Path, line_bytes: int = 0
+) -> dict[str, float]:
+    import httpx
     import openai
     from stack import Stack, free_port
 
     from common.settings import get_settings
 
     model = get_settings().model_name
+    folder = logs / (engine if not line_bytes else f"{engine}-memory")
     stack = Stack(
         redis_port=free_port(),
         api_port=free_port(),
         flower_port=None,
-        log_dir=logs / engine,
+        log_dir=folder,
         env={
             "ENGINE": engine,
             "WORKER_SLOTS": str(slots),
-            "FILES_DIR": str(logs / engine / "files"),
+            "FILES_DIR": str(folder / "files"),
             "BATCH_MAX_LINES": str(max(lines, 50_000)),
+            "BATCH_MAX_BYTES": str(512 * 1024 * 1024),
         },
     )
     try:
@@ -72,25 +127,47 @@ def run_stack_batch(lines: int, tokens: int, engine: str, slots: int, logs: Path
         stack.start_worker()
         stack.start_api()
         stack.wait_ready(model, timeout=600)
-        client = openai.OpenAI(base_url=stack.api_url + "/v1", api_key="unused", max_retries=0, timeout=600)
-        data = batch_lines(lines, model, tokens)
+        procs = {p.name: p.popen.pid for p in stack.procs}
+        api = procs["api"]
+        client = openai.OpenAI(base_url=stack.api_url + "/v1", api_key="unused", max_retries=0, timeout=1800)
+        src = folder / "input.jsonl"
+        size = write_batch_file(src, lines, model, tokens, line_bytes)
+        rss = {"idle": group_rss_mb(api)}
+        cpu0 = {name: group_cpu_s(pid) for name, pid in procs.items()}
         t0 = time.monotonic()
-        f = client.files.create(file=("bench.jsonl", io.BytesIO(data)), purpose="batch")
+        with open(src, "rb") as fh:
+            f = client.files.create(file=("bench.jsonl", fh), purpose="batch")
+        rss["uploaded"] = group_rss_mb(api)
         batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        running = 0.0
         while batch.status not in ("completed", "failed", "cancelled", "expired"):
             time.sleep(0.5)
             batch = client.batches.retrieve(batch.id)
+            if batch.status == "validating":
+                continue
+            rss.setdefault("validated", group_rss_mb(api))
+            running = max(running, group_rss_mb(api))
         wall = time.monotonic() - t0
+        cpu = {name: group_cpu_s(pid) - cpu0[name] for name, pid in procs.items()}
+        rss["running_peak"] = running
+        rss["results"] = group_rss_mb(api)
         assert batch.status == "completed", batch
         counts = batch.request_counts
         assert counts is not None and counts.completed == lines, counts
-        running = (batch.finalizing_at or 0) - (batch.in_progress_at or 0)
+        # The output file, streamed to nowhere.
+        with httpx.stream("GET", f"{stack.api_url}/v1/files/{batch.output_file_id}/content", timeout=600) as r:
+            out_bytes = sum(len(chunk) for chunk in r.iter_bytes())
+        rss["downloaded"] = group_rss_mb(api)
         return {
             "lines": lines,
+            "bytes": size,
+            "out_bytes": out_bytes,
             "wall_s": wall,
             "lines_per_s": lines / wall,
             "tokens_per_s": lines * tokens / wall,
-            "run_s": running,
+            "run_s": (batch.finalizing_at or 0) - (batch.in_progress_at or 0),
+            **{f"cpu_ms_per_line_{name}": 1000 * c / lines for name, c in cpu.items()},
+            **{f"rss_{k}": v for k, v in rss.items()},
         }
     finally:
         stack.stop()
@@ -137,38 +214,63 @@ async def run_direct(lines: int, tokens: int, concurrency: int) -> dict[str, flo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fake-lines", type=int, default=10_000)
+    parser.add_argument("--memory-mb", type=int, default=200)
+    parser.add_argument("--memory-line-bytes", type=int, default=8192)
     parser.add_argument("--real-lines", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--logs", type=Path, default=ROOT / "var" / "bench-batch")
     parser.add_argument("--skip-fake", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-real", action="store_true", help="no model needed: the fake-engine rows only")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from common.settings import get_settings
 
     share = get_settings().batch_slot_share
     concurrency = max(1, int(args.slots * share))
-    rows = []
+    rows: list[tuple[str, dict[str, float], int]] = []
+    fake: dict[str, float] | None = None
     if not args.skip_fake:
         print(f"orchestration ceiling: {args.fake_lines} lines, fake engine ...", flush=True)
         fake = run_stack_batch(args.fake_lines, 16, "fake", args.slots, args.logs)
         print(f"  {fake['lines_per_s']:.1f} lines/s ({fake['wall_s']:.1f} s)", flush=True)
-        rows.append(("stack, fake engine", fake))
-    print(f"engine alone: {args.real_lines} lines at {concurrency} in flight ...", flush=True)
-    direct = asyncio.run(run_direct(args.real_lines, args.tokens, concurrency))
-    print(f"  {direct['lines_per_s']:.2f} lines/s", flush=True)
-    print(f"whole stack: {args.real_lines} lines, default model ...", flush=True)
-    real = run_stack_batch(args.real_lines, args.tokens, "vllm", args.slots, args.logs)
-    print(f"  {real['lines_per_s']:.2f} lines/s", flush=True)
-    rows += [("engine alone (direct)", direct), ("stack, default model", real)]
+        rows.append(("stack, fake engine", fake, 16))
+    memory: dict[str, float] | None = None
+    if not args.skip_memory:
+        n = max(1, args.memory_mb * 1024 * 1024 // args.memory_line_bytes)
+        print(f"API memory: a {args.memory_mb} MB input file ({n} lines), fake engine ...", flush=True)
+        memory = run_stack_batch(n, 1, "fake", args.slots, args.logs, line_bytes=args.memory_line_bytes)
+        print(f"  {memory['lines_per_s']:.1f} lines/s ({memory['wall_s']:.1f} s)", flush=True)
+    real = direct = None
+    if not args.skip_real:
+        print(f"engine alone: {args.real_lines} lines at {concurrency} in flight ...", flush=True)
+        direct = asyncio.run(run_direct(args.real_lines, args.tokens, concurrency))
+        print(f"  {direct['lines_per_s']:.2f} lines/s", flush=True)
+        print(f"whole stack: {args.real_lines} lines, default model ...", flush=True)
+        real = run_stack_batch(args.real_lines, args.tokens, "vllm", args.slots, args.logs)
+        print(f"  {real['lines_per_s']:.2f} lines/s", flush=True)
+        rows += [("engine alone (direct)", direct, args.tokens), ("stack, default model", real, args.tokens)]
     print()
     print("| run | lines | tokens/line | seconds | lines/s | output tokens/s |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, r in rows:
-        per = 16 if "fake" in name else args.tokens
+    for name, r, per in rows:
         tps = r["lines"] * per / r["wall_s"]
         print(f"| {name} | {r['lines']} | {per} | {r['wall_s']:.1f} | {r['lines_per_s']:.2f} | {tps:.1f} |")
-    print(f"\nstack/direct on the default model: {real['lines_per_s'] / direct['lines_per_s']:.2f}")
+    if fake is not None:
+        print("\nCPU per line, fake engine (ms; the process that spends the most sets the ceiling):")
+        print("| " + " | ".join(k.removeprefix("cpu_ms_per_line_") for k in fake if k.startswith("cpu_ms")) + " |")
+        print("|" + "---:|" * sum(1 for k in fake if k.startswith("cpu_ms")))
+        print("| " + " | ".join(f"{v:.2f}" for k, v in fake.items() if k.startswith("cpu_ms")) + " |")
+    if memory is not None:
+        size_mb = memory["bytes"] / 1e6
+        print(f"\nAPI resident memory (MB, all its processes), {size_mb:.0f} MB input, {memory['lines']} lines:")
+        stages = ("idle", "uploaded", "validated", "running_peak", "results", "downloaded")
+        print("| " + " | ".join(stages) + " |")
+        print("|" + "---:|" * len(stages))
+        print("| " + " | ".join(f"{memory.get('rss_' + k, 0):.0f}" for k in stages) + " |")
+    if real is not None and direct is not None:
+        print(f"\nstack/direct on the default model: {real['lines_per_s'] / direct['lines_per_s']:.2f}")
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import anyio
 from celery import Celery
-from kombu.exceptions import OperationalError
+from kombu.exceptions import KombuError, OperationalError
 
 from common import keys
 from common.errors import ServiceUnavailableError
@@ -45,6 +45,31 @@ class JobQueue:
             await anyio.to_thread.run_sync(self._send, job_id, model, priority)
         except (OperationalError, OSError) as exc:
             raise ServiceUnavailableError(f"could not queue the job: {exc}") from exc
+
+    def _send_many(self, job_ids: list[str], model: str, priority: int) -> None:
+        # One producer, its publishes buffered (kombu's publish batch): the group's
+        # messages and their task-sent events go to Redis in one pipeline.
+        with self.app.producer_or_acquire() as producer, producer.batch(max_size=4 * len(job_ids) + 4):
+            for job_id in job_ids:
+                self.app.send_task(
+                    keys.CHAT_TASK,
+                    args=[job_id],
+                    task_id=job_id,
+                    queue=keys.chat_queue_entity(model),
+                    priority=priority,
+                    producer=producer,
+                )
+
+    async def submit_many(self, job_ids: list[str], model: str, priority: int = keys.CHAT_PRIORITY) -> None:
+        """Queue a group of one model's jobs in one round trip (a batch's lines). Should it
+        fail, whether each message went out is unknown: the caller hands the group out
+        again (the sweeper resends the messages of jobs still queued)."""
+        if not job_ids:
+            return
+        try:
+            await anyio.to_thread.run_sync(self._send_many, job_ids, model, priority)
+        except (KombuError, OSError) as exc:
+            raise ServiceUnavailableError(f"could not queue the jobs: {exc}") from exc
 
     def close(self) -> None:
         self.app.close()

@@ -28,6 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from common import keys
 from common.jobs import ChunkEvent, JobRecord, JobStatus
@@ -344,6 +345,35 @@ class JobStore:
         is); or, for an interactive job, (-1, waiting) when its model has `max_waiting`
         jobs waiting, (-2, active) when its owner has `max_active` jobs queued or running
         (nothing written; 0: no limit)."""
+        code, count = await self._create(*self._create_call(record, ttl, max_waiting, max_active))
+        return int(code), int(count)
+
+    async def create_lines(self, records: list[JobRecord], ttl: int | None = None) -> list[int]:
+        """Store a group of a batch's lines (queued, or failed at validation) in one round
+        trip, each as `create` would (no admission limits: a line holds a batch slot).
+        Answers each one's code: 1 stored, 0 its record exists already (handed out
+        again after a restart)."""
+        if not records:
+            return []
+        calls = [self._create_call(record, ttl, 0, 0) for record in records]
+        for attempt in range(2):
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for script_keys, args in calls:
+                        await self._run_in(pipe, self._create, script_keys, args)
+                    answers = await pipe.execute()
+                return [int(code) for code, _ in answers]
+            except NoScriptError:
+                # Redis lost its scripts (restarted); every create answers the same run twice.
+                if attempt:
+                    raise
+                await self.redis.script_load(self._create.script)
+        raise AssertionError("unreachable")
+
+    def _create_call(
+        self, record: JobRecord, ttl: int | None, max_waiting: int, max_active: int
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of `_CREATE` for `record`."""
         now = time.time()
         if record.status == JobStatus.queued and record.queued_at is None:
             record.queued_at = now
@@ -359,10 +389,7 @@ class JobStore:
         ]
         for name, value in record.to_redis().items():
             args += [name, value]
-        code, count = await self._create(
-            keys=[keys.job(record.id), keys.QUEUED, keys.waiting(record.model), keys.active(record.owner)], args=args
-        )
-        return int(code), int(count)
+        return [keys.job(record.id), keys.QUEUED, keys.waiting(record.model), keys.active(record.owner)], args
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self.redis.hgetall(keys.job(job_id))

@@ -1,5 +1,5 @@
 """A batch's output and error files, written once at the end from the job records, in
-input order (200 records read per Redis round trip)."""
+input order (CHUNK records read per Redis round trip)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ from common import keys
 from common.batches import BatchObject, BatchStatus
 from common.jobs import JobRecord, JobStatus
 
+# A line's output object comes from these fields of its job record (not its request,
+# the biggest: the prompt's token ids), by the batch's endpoint; Responses read it all.
+RESULT_FIELDS = ("id", "model", "status", "created", "finished", "usage", "result", "error")
+CHUNK = 500
+KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
 
 async def write_results(redis: aioredis.Redis, files: FileStore, batch: BatchObject) -> tuple[Path, Path, int, int]:
     """(output path, error path, lines completed, lines failed)."""
@@ -31,7 +37,7 @@ async def write_results(redis: aioredis.Redis, files: FileStore, batch: BatchObj
         chunk: list[tuple[int, InputLine]] = []
         for item in iter_lines(path):
             chunk.append(item)
-            if len(chunk) == 200:
+            if len(chunk) == CHUNK:
                 c, f = await _write_chunk(redis, batch, chunk, out_f, err_f)
                 completed, failed, chunk = completed + c, failed + f, []
         if chunk:
@@ -43,9 +49,15 @@ async def write_results(redis: aioredis.Redis, files: FileStore, batch: BatchObj
 async def _write_chunk(
     redis: aioredis.Redis, batch: BatchObject, chunk: list[tuple[int, InputLine]], out_f: Any, err_f: Any
 ) -> tuple[int, int]:
+    responses = batch.endpoint == "/v1/responses"
+    kind = KINDS.get(batch.endpoint)
     async with redis.pipeline(transaction=False) as pipe:
         for index, _ in chunk:
-            pipe.hgetall(keys.job(line_job_id(batch.id, batch.endpoint, index)))
+            job_key = keys.job(line_job_id(batch.id, batch.endpoint, index))
+            if kind is None:
+                pipe.hgetall(job_key)
+            else:
+                pipe.hmget(job_key, RESULT_FIELDS)
         raws = await pipe.execute()
     completed = failed = 0
     for (index, line), raw in zip(chunk, raws, strict=True):
@@ -54,8 +66,9 @@ async def _write_chunk(
             "id": f"batch_req_{request_id.removeprefix('chatcmpl-').removeprefix('cmpl-').removeprefix('resp_')}",
             "custom_id": line.custom_id,
         }
-        record = JobRecord.from_redis(raw) if raw else None
-        responses = batch.endpoint == "/v1/responses"
+        if kind is not None and raw[0] is not None:
+            raw = {name: value for name, value in zip(RESULT_FIELDS, raw, strict=True) if value is not None}
+        record = JobRecord.from_redis(raw) if raw and isinstance(raw, dict) else None
         if responses and record is not None and record.response is None and record.request is not None:
             # Its response was deleted (DELETE /v1/responses/{id}): nothing of it is kept.
             entry |= {"response": None, "error": {"code": "response_deleted", "message": "the response was deleted"}}
@@ -63,7 +76,7 @@ async def _write_chunk(
             failed += 1
             continue
         if record is not None and record.status == JobStatus.completed:
-            body = result_object(record) if responses else completion_object(record)
+            body = result_object(record) if responses else completion_object(record, kind)
             entry |= {"response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
             out_f.write(json.dumps(entry) + "\n")
             completed += 1

@@ -2,12 +2,18 @@
 completed (or cancelling -> cancelled, or expired), from any API process.
 
 Lines run as ordinary jobs through the job pipeline, queued at a lower broker priority.
-A line is handed out only once it holds a batch slot of its model: one atomic
+A line is handed out only once it holds a batch slot of its model: an atomic
 reservation against `BATCH_SLOT_SHARE` of that model's live worker slots, shared by all
 batches and API processes, so batches together never take the share interactive chat
 keeps. A line's slot is freed by the same script that ends its job. The runner sleeps
 until a line ends (the job core announces it on `BATCH_PROGRESS`) or a client acts,
 rather than polling.
+
+Lines go out in pipelined groups, as many as there are free slots (at most `GROUP`): a
+group is read, validated and tokenized ahead, its slots reserved in one script call, its
+job records written in one round trip, its Celery messages sent in one pipeline, and the
+high-water mark moved past it once they are out. Lines prepared but without a slot wait
+in memory for the next turn (a restart prepares them again: every step is idempotent).
 
 A batch's state lives in Redis (record, `dispatched` high-water mark, per-status sets
 of ended lines, deterministic job ids per line), so any API process can pick it up
@@ -19,10 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -51,16 +61,29 @@ from common.workers import live_workers
 
 log = logging.getLogger(__name__)
 LOCK_SECONDS = 30
-# Lines handed out per turn before the runner looks at its batch again.
-GROUP = 64
+# The most lines prepared and handed out in one turn.
+GROUP = 256
+# Lines prepared in a batch's first turn, before its model (and so its free slots) is known.
+FIRST_GROUP = 32
+# Lines whose job status is read per round trip when a stopping batch cancels its lines.
+STATUS_CHUNK = 500
+# A stopping batch looks again for lines to cancel this often (one may have been missed).
+RESTOP_SECONDS = 10.0
 
-# KEYS: the model's batch slots. ARGV: capacity, job id. 1 if the line holds a slot
-# (now, or already: a retried call or a line handed out again), 0 if none is free.
+# KEYS: the model's batch slots. ARGV: capacity, job id... How many of the jobs, in
+# order, hold a slot (now, or already: a retried call or a line handed out again); it
+# stops at the first for which none is free.
 _RESERVE = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1 then return 1 end
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('SADD', KEYS[1], ARGV[2])
-return 1
+local cap = tonumber(ARGV[1])
+local held = 0
+for i = 2, #ARGV do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then
+    if redis.call('SCARD', KEYS[1]) >= cap then return held end
+    redis.call('SADD', KEYS[1], ARGV[i])
+  end
+  held = held + 1
+end
+return held
 """
 
 
@@ -74,19 +97,36 @@ def _validation_error(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(str(first["msg"]), param=param or None)
 
 
+@dataclass
+class _Line:
+    """An input line made ready to hand out: its job record (queued), or, for an invalid
+    line, its record as failed and the error."""
+
+    index: int
+    record: JobRecord
+    error: ServiceError | None = None
+
+
 class _Lines:
-    """A batch's remaining input lines, with one put back when it found no slot."""
+    """A batch's remaining input lines, read from its file in groups (off the event loop),
+    and those prepared that found no slot yet (`held`, in order)."""
 
-    def __init__(self, lines: Iterator[tuple[int, InputLine]]):
-        self._lines = lines
-        self.held: tuple[int, InputLine, JobRecord] | None = None
-        self.done = False
+    def __init__(self, path: Path, start: int):
+        self._lines: Iterator[tuple[int, InputLine]] = iter_lines(path, start)
+        self.held: list[_Line] = []
+        self.eof = False
+        self.model: str | None = None  # the model of the last valid line: whose slots to look at
 
-    def next(self) -> tuple[int, InputLine] | None:
-        item = next(self._lines, None)
-        if item is None:
-            self.done = True
-        return item
+    async def read(self, n: int) -> list[tuple[int, InputLine]]:
+        items = await asyncio.to_thread(lambda: list(itertools.islice(self._lines, n)))
+        if len(items) < n:
+            self.eof = True
+        return items
+
+    @property
+    def done(self) -> bool:
+        """Every line has been handed out."""
+        return self.eof and not self.held
 
 
 class BatchRunner:
@@ -230,8 +270,9 @@ class BatchRunner:
             await self.redis.hset(keys.batch(batch_id), "n_total", total)
             await set_fields(self.redis, batch_id, status=BatchStatus.in_progress, in_progress_at=int(time.time()))
             batch, counters = (await read_batch(self.redis, batch_id)) or (batch, counters)
-        lines = _Lines(iter_lines(path, counters["dispatched"]))
+        lines = _Lines(path, counters["dispatched"])
         wakeup = self._wakeups.setdefault(batch_id, asyncio.Event())
+        stopped_at: float | None = None
         while True:
             wakeup.clear()
             try:
@@ -248,7 +289,9 @@ class BatchRunner:
                 batch.expires_at is not None and time.time() > batch.expires_at
             )
             if stopping:
-                await self._stop_lines(batch, counters)
+                if stopped_at is None or time.monotonic() - stopped_at > RESTOP_SECONDS:
+                    await self._stop_lines(batch, counters)
+                    stopped_at = time.monotonic()
                 if ended >= counters["dispatched"]:
                     final = BatchStatus.cancelled if batch.status == BatchStatus.cancelling else BatchStatus.expired
                     await self._finalize(batch_id, final)
@@ -269,38 +312,55 @@ class BatchRunner:
         return sum(max(1, int(w.slots * share)) for w in workers if w.model == model)
 
     async def _dispatch(self, batch: BatchObject, lines: _Lines) -> bool:
-        """Hand out up to GROUP lines, each once it holds a slot; True if any went out."""
+        """Hand out a group of lines, each once it holds a slot; True if any went out."""
         capacity: dict[str, int] = {}
-        handed = 0
-        while handed < GROUP:
-            if lines.held is not None:
-                index, line, record = lines.held
-                lines.held = None
+        if not lines.eof:
+            if lines.model is None:
+                want = FIRST_GROUP
             else:
-                item = lines.next()
-                if item is None:
+                capacity[lines.model] = await self._capacity(lines.model)
+                used = await self.redis.scard(keys.batch_slots(lines.model))
+                want = capacity[lines.model] - used - len(lines.held)
+            want = min(want, GROUP - len(lines.held))
+            if want > 0:
+                items = await lines.read(want)
+                # The live models once for the group (its lines then find them cached, not
+                # each asking Redis when the cache has just lapsed).
+                with contextlib.suppress(Exception):
+                    await self.chat.catalog.live_models()
+                lines.held += await asyncio.gather(*(self._prepare(batch, i, line) for i, line in items))
+        group = lines.held
+        if not group:
+            return False
+        # Slots for the group's valid lines, in order, per model (most batches name one).
+        wanted: dict[str, list[str]] = defaultdict(list)
+        for item in group:
+            if item.error is None:
+                wanted[item.record.model].append(item.record.id)
+                lines.model = item.record.model
+        granted: dict[str, int] = {}
+        for model, ids in wanted.items():
+            if model not in capacity:
+                capacity[model] = await self._capacity(model)
+            granted[model] = int(await self._reserve(keys=[keys.batch_slots(model)], args=[capacity[model], *ids]))
+        # The group's longest head whose valid lines all hold a slot goes out.
+        taken: dict[str, int] = defaultdict(int)
+        count = 0
+        for item in group:
+            if item.error is None:
+                model = item.record.model
+                if taken[model] >= granted[model]:
                     break
-                index, line = item
-                prepared = await self._prepare(batch, index, line)
-                if prepared is None:
-                    await self._mark_dispatched(batch.id, index)
-                    handed += 1
-                    continue
-                record = prepared
-            if record.model not in capacity:
-                capacity[record.model] = await self._capacity(record.model)
-            slots = keys.batch_slots(record.model)
-            if not await self._reserve(keys=[slots], args=[capacity[record.model], record.id]):
-                lines.held = (index, line, record)
-                break
-            await self._submit(record)
-            await self._mark_dispatched(batch.id, index)
-            handed += 1
-        return handed > 0
+                taken[model] += 1
+            count += 1
+        if count == 0:
+            return False
+        handed, lines.held = group[:count], group[count:]
+        await self._hand_out(batch, handed)
+        return True
 
-    async def _prepare(self, batch: BatchObject, index: int, line: InputLine) -> JobRecord | None:
-        """The line's job record, or None when the line is invalid (then recorded as a
-        failed line at once)."""
+    async def _prepare(self, batch: BatchObject, index: int, line: InputLine) -> _Line:
+        """The line's job record, or its failed record when the line is invalid."""
         job_id = line_job_id(batch.id, batch.endpoint, index)
         try:
             if batch.endpoint == "/v1/completions" and self.completions is not None:
@@ -320,13 +380,57 @@ class BatchRunner:
             failed.error = error.to_dict()["error"] | {"status_code": error.status_code}
             failed.finished = time.time()
             self._line(failed, batch, line)
-            await self.pipeline.store.create(failed, ttl=self._ttl())
-            await self.redis.sadd(keys.batch_ended(batch.id, JobStatus.failed.value), job_id)
+            return _Line(index, failed, error)
+        self._line(record, batch, line)
+        if record.deadline is None:
+            record.deadline = record.created + self.settings.queue_timeout_seconds
+        return _Line(index, record)
+
+    async def _hand_out(self, batch: BatchObject, group: list[_Line]) -> None:
+        """Write the group's records (one round trip), send the messages of its queued
+        lines (one pipeline per model), then move the high-water mark past it. Safe to
+        repeat after a crash at any point: a record that exists is left as it is, and
+        its message is sent again only while it is queued."""
+        codes = await self.pipeline.store.create_lines([item.record for item in group], ttl=self._ttl())
+        again = [item for item, code in zip(group, codes, strict=True) if code != 1 and item.error is None]
+        statuses: list[Any] = []
+        if again:
+            # Handed out before a restart: queued ones get their message again; one that
+            # has ended meanwhile holds no slot.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for item in again:
+                    pipe.hget(keys.job(item.record.id), "status")
+                statuses = await pipe.execute()
+        resend = {item.record.id for item, st in zip(again, statuses, strict=True) if st == b"queued"}
+        to_send: dict[str, list[str]] = defaultdict(list)
+        for item, code in zip(group, codes, strict=True):
+            if item.error is None and (code == 1 or item.record.id in resend):
+                to_send[item.record.model].append(item.record.id)
+        for model, ids in to_send.items():
+            await self.pipeline.queue.submit_many(ids, model, keys.BATCH_PRIORITY)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item, st in zip(again, statuses, strict=True):
+                if st is not None and JobStatus(keys.text(st)).terminal:
+                    pipe.srem(keys.batch_slots(item.record.model), item.record.id)
+            failed = [item.record.id for item in group if item.error is not None]
+            if failed:
+                pipe.sadd(keys.batch_ended(batch.id, JobStatus.failed.value), *failed)
+            # A high-water mark (set, not incremented): writing it twice is harmless.
+            pipe.hset(keys.batch(batch.id), "n_dispatched", group[-1].index + 1)
+            await pipe.execute()
+        for item, code in zip(group, codes, strict=True):
+            if code == 1:
+                self._log_line(item)
+
+    @staticmethod
+    def _log_line(item: _Line) -> None:
+        record, error = item.record, item.error
+        if error is not None:
             # Logs (issue 9): an invalid line's job ends before it was ever queued.
             log_event(
                 log,
                 "job.ended",
-                **job_fields(failed),
+                **job_fields(record),
                 status=JobStatus.failed,
                 attempt=0,
                 error_code=error.code,
@@ -334,9 +438,19 @@ class BatchRunner:
                 status_code=error.status_code,
                 by="batch",
             )
-            return None
-        self._line(record, batch, line)
-        return record
+            return
+        # Logs (issue 9): the line's first line, as `JobPipeline.enqueue` writes it.
+        sampling = record.request.sampling if record.request else None
+        log_event(
+            log,
+            "job.created",
+            **job_fields(record),
+            n=sampling.n if sampling else None,
+            max_tokens=sampling.max_tokens if sampling else None,
+            prompt_tokens=len(record.request.prompt_token_ids) if record.request else None,
+            stream=record.options.stream,
+            background=record.options.background,
+        )
 
     def _line(self, record: JobRecord, batch: BatchObject, line: InputLine) -> None:
         record.batch, record.custom_id, record.owner = batch.id, line.custom_id, batch.owner
@@ -348,23 +462,20 @@ class BatchRunner:
         # A batch's records outlive its window, so results can be written at the end.
         return max(self.settings.job_ttl_seconds, 2 * 24 * 3600)
 
-    async def _submit(self, record: JobRecord) -> None:
-        # (Logs, issue 9: `enqueue` writes the line's `job.created`, with its batch_id.)
-        created, _ = await self.pipeline.enqueue(record, keys.BATCH_PRIORITY, ttl=self._ttl())
-        if created != 1:
-            # Handed out before a restart: if it has ended meanwhile, it holds no slot.
-            status = await self.pipeline.store.status(record.id)
-            if status is not None and status.terminal:
-                await self.redis.srem(keys.batch_slots(record.model), record.id)
-
-    async def _mark_dispatched(self, batch_id: str, index: int) -> None:
-        # A high-water mark (set, not incremented): writing it twice is harmless.
-        await self.redis.hset(keys.batch(batch_id), "n_dispatched", index + 1)
-
     async def _stop_lines(self, batch: BatchObject, counters: dict[str, int]) -> None:
         """Cancel the lines handed out that have not ended; the rest are never handed out."""
-        for index in range(counters["dispatched"]):
-            await self.pipeline.cancel(line_job_id(batch.id, batch.endpoint, index), quiet=True, source="batch")
+        dispatched = counters["dispatched"]
+        for start in range(0, dispatched, STATUS_CHUNK):
+            ids = [
+                line_job_id(batch.id, batch.endpoint, i) for i in range(start, min(start + STATUS_CHUNK, dispatched))
+            ]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(keys.job(job_id), "status")
+                statuses = await pipe.execute()
+            for job_id, status in zip(ids, statuses, strict=True):
+                if status in (b"queued", b"in_progress"):
+                    await self.pipeline.cancel(job_id, quiet=True, source="batch")
 
     async def _finalize(self, batch_id: str, final: BatchStatus) -> None:
         """Write the output and error files and end the batch. Safe to repeat after a
