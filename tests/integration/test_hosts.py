@@ -299,3 +299,53 @@ async def test_losing_a_host_mid_load_loses_no_accepted_job(hstack: HostStack) -
     assert models(s) == [MODEL]
     for h in hosts:
         net.stop_host(s, h)
+
+
+def wait_for_brpop(s: HostStack, host: SimHost, timeout: float = 30) -> None:
+    """Until Redis receives a BRPOP from `host` (MONITOR): its worker's consumer has just
+    blocked, for kombu's BRPOP timeout (1 s)."""
+    r = redis_lib.Redis.from_url(s.redis_url, decode_responses=True)
+    deadline = time.monotonic() + timeout
+    with r.monitor() as monitor:
+        for item in monitor.listen():
+            if item.get("client_address") == host.address and str(item.get("command", "")).upper().startswith("BRPOP"):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no BRPOP from {host.address} seen")
+
+
+def test_a_host_lost_while_idle_delays_no_job_past_the_resend(hstack: HostStack) -> None:
+    """An idle worker waits in BRPOP (kombu sends it again every second). Lost with its
+    link, it never answers, and Redis, which never heard its connection close, hands the
+    next message to that dead connection: the job stays queued and no live worker is told.
+    The sweeper sends its message again after QUEUE_RESEND_SECONDS (3 s here; 30 s by
+    default), and a live host runs it."""
+    s, net = hstack, hstack.net
+    assert net is not None
+    kept = net.add_host()
+    net.start_worker(s, kept, f"{kept.name}-w")
+    wait_until(lambda: len(registered(s)) == 1, 60, "the first host's worker registered")
+    # The host that stays is busy (every slot held: its consumer is not in BRPOP), so the
+    # lost host's consumer is the only one waiting for the next message.
+    busy = submit_many(s, SLOTS, 400)
+    wait_until(
+        lambda: all(record(s, j).get("status") == "in_progress" for j in busy), 60, "the first host's slots full"
+    )
+    lost = net.add_host()
+    net.start_worker(s, lost, f"{lost.name}-w")
+    wait_until(lambda: len(registered(s)) == 2, 60, "the second host's worker registered")
+    # Its link goes down right after its consumer blocked, and the job is posted while
+    # Redis still holds that BRPOP (the rest of its second); then its processes die.
+    wait_for_brpop(s, lost)
+    net.cut(lost)
+    job = submit_background(s, 16)
+    net.lose_host(s, lost)
+    wait_until(lambda: record(s, job).get("status") in TERMINAL, 60, "the job posted at the loss ended")
+    assert_completed_whole(s, job, 16)
+    assert on_host(record(s, job)["worker"], kept)
+    # Whether its message went into the dead connection this time (almost every run).
+    print("resends of the job posted at the loss:", record(s, job).get("resends"))
+    wait_until(lambda: all(record(s, j).get("status") in TERMINAL for j in busy), 60, "the long jobs ended")
+    for j in busy:
+        assert_completed_whole(s, j, 400)
+    net.stop_host(s, kept)
