@@ -275,6 +275,14 @@ def show(result: RunResult) -> None:
         flush=True,
     )
     print(f"{'':>16}   CPU s/s: {cpu}", flush=True)
+    if result.jobs:
+        total = sum(result.usage.cpu.values()) * per_job
+        cores = os.cpu_count() or 1
+        print(
+            f"{'':>16}   CPU per job, all processes: {total:.2f} ms: at most {cores * 1000 / total:.0f} jobs/s "
+            f"on {cores} cores if CPU were the only limit",
+            flush=True,
+        )
     print(f"{'':>16}   redis: {top}", flush=True)
 
 
