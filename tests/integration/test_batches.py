@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -231,3 +232,88 @@ def test_batch_past_its_window_expires_with_what_finished(client, model, redis):
     errors = read_jsonl(client, batch.error_file_id)
     assert len(out) + len(errors) == 33
     assert any(e["error"] and e["error"]["code"] == "batch_expired" for e in errors)
+
+
+# -- the runner's group hand-out, on the fake engine ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_stack(tmp_path_factory):
+    """Its own stack: one fake-engine worker with 8 slots (6 for batch lines), 0.2 s a step,
+    so a batch of a few hundred lines runs long enough to crash the API mid-run."""
+    from tests.integration.conftest import MODEL, Stack, free_port
+
+    logs = tmp_path_factory.mktemp("batch-fake-logs")
+    s = Stack(
+        redis_port=free_port(),
+        api_port=free_port(),
+        flower_port=None,
+        log_dir=logs,
+        env={
+            "ENGINE": "fake",
+            "FAKE_STEP_SECONDS": "0.2",
+            "WORKER_SLOTS": "8",
+            "BATCH_SLOT_SHARE": "0.75",
+            "FILES_DIR": str(logs / "files"),
+        },
+    )
+    try:
+        s.start_redis()
+        s.start_worker()
+        s.start_api()
+        s.wait_ready(MODEL, timeout=120)
+    except BaseException:
+        s.stop()
+        raise
+    yield s
+    s.stop()
+
+
+def test_lines_go_out_in_groups_within_the_slots_once_each_across_an_api_crash(fake_stack):
+    """Lines are handed out in groups, never more in flight than the batch share of slots
+    (6 of 8), invalid lines anywhere in a group fail in place, and an API SIGKILLed mid-run
+    (possibly between writing a group and marking it handed out) loses no line and runs
+    none twice: every line's job has exactly one attempt and one output."""
+    import redis as redis_lib
+
+    from api.batches.input import line_job_id
+    from common import keys
+    from common.settings import get_settings
+
+    model = get_settings().model_name
+    bad = {5, 150, 299}
+    lines = [line(f"g-{i}", model, max_tokens=16, ignore_eos=True) for i in range(300)]
+    for i in bad:
+        lines[i]["body"]["temperature"] = 5
+    c = openai.OpenAI(base_url=fake_stack.api_url + "/v1", api_key="unused", max_retries=2, timeout=60)
+    batch = run_batch(c, lines)
+    r = redis_lib.Redis.from_url(fake_stack.redis_url)
+    slots = keys.batch_slots(model)
+    in_flight: list[int] = []
+
+    def watch_until(done) -> None:
+        deadline = time.monotonic() + 240
+        while not done():
+            assert time.monotonic() < deadline, c.batches.retrieve(batch.id)
+            in_flight.append(r.scard(slots))
+            time.sleep(0.05)
+
+    watch_until(lambda: c.batches.retrieve(batch.id).request_counts.completed >= 40)
+    fake_stack.restart("api", signal.SIGKILL)
+    fake_stack.wait_ready(model, timeout=120)
+    watch_until(lambda: c.batches.retrieve(batch.id).status in ("completed", "failed", "cancelled", "expired"))
+    final = c.batches.retrieve(batch.id)
+    assert final.status == "completed"
+    assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (300, 297, 3)
+    assert max(in_flight) == 6 and all(n <= 6 for n in in_flight)
+    out = read_jsonl(c, final.output_file_id)
+    assert sorted(o["custom_id"] for o in out) == sorted(f"g-{i}" for i in range(300) if i not in bad)
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 16 for o in out)
+    errors = read_jsonl(c, final.error_file_id)
+    assert sorted(e["custom_id"] for e in errors) == sorted(f"g-{i}" for i in bad)
+    assert all(e["response"]["body"]["error"]["param"] == "temperature" for e in errors)
+    # Each valid line ran once: one attempt, never a second.
+    ids = [line_job_id(batch.id, "/v1/chat/completions", i) for i in range(300) if i not in bad]
+    attempts = [r.hget(keys.job(job_id), "attempt") for job_id in ids]
+    assert set(attempts) == {b"1"}, sorted(set(attempts))
+    assert r.hget(keys.batch(batch.id), "n_dispatched") == b"300"
