@@ -24,7 +24,7 @@ TTL_SECONDS = 3600
 # are the benchmark client's own: it sent the request; its first content chunk arrived).
 STAMPS = (
     "sent", "arrived", "submit", "admitted", "prepared", "subscribed", "recorded", "queued",
-    "task", "loop", "claimed", "engine_in", "engine_first", "publish", "published",
+    "received", "task", "loop", "claimed", "engine_in", "engine_first", "publish", "published",
     "relayed", "sse", "client",
 )  # fmt: skip
 # The stages between them: (name, from stamp, to stamp, what is timed). They add up from
@@ -38,7 +38,8 @@ STAGES: tuple[tuple[str, str, str, str], ...] = (
     ("template+tokenize", "admitted", "prepared", "api: model card, chat template, tokenizer (thread)"),
     ("subscribe", "prepared", "subscribed", "api: queue limit, channel subscribed on the relay"),
     ("record write", "subscribed", "recorded", "api: admission script storing the record, job.created log"),
-    ("celery hop", "recorded", "task", "Celery message sent, through the broker to a worker slot thread"),
+    ("celery hop", "recorded", "received", "Celery message sent, through Redis to the worker's consumer"),
+    ("pool dispatch", "received", "task", "worker: consumer hands the task to a slot thread, which starts it"),
     ("hand-off", "task", "loop", "worker: slot thread to the engine loop"),
     ("claim", "loop", "claimed", "worker: the claim script (lease)"),
     ("record read", "claimed", "engine_in", "worker: the record read, attempt planned"),

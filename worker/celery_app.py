@@ -16,7 +16,7 @@ import sys
 
 from celery import Celery, signals
 
-from common import keys
+from common import keys, timing
 from common.job_queue import JobQueue
 from common.logs import setup_logging
 from common.settings import get_settings
@@ -70,6 +70,17 @@ def _setup_logs(**_: object) -> None:
 
 
 signals.setup_logging.connect(_setup_logs)
+
+
+def _stamp_received(request: object = None, **_: object) -> None:
+    """BENCH_TIMING: the consumer has the task's message (before a slot thread takes it)."""
+    job_id = getattr(request, "id", None)
+    if job_id:
+        timing.stamp(job_id, "received")
+
+
+if timing.ENABLED:
+    signals.task_received.connect(_stamp_received, weak=False)
 
 
 @signals.worker_init.connect

@@ -88,6 +88,7 @@ def test_a_streamed_job_leaves_every_stamp_in_order(timed: Stack) -> None:
         "prepared",
         "subscribed",
         "recorded",
+        "received",
         "task",
         "loop",
         "claimed",
