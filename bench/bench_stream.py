@@ -429,7 +429,8 @@ def main() -> int:
     settings = get_settings()
     dtype = resolve_dtype(settings)
     print(
-        f"model {settings.model_name}, dtype {dtype}, enforce_eager {resolve_eager(settings)}, "
+        f"model {settings.model_name}, engine {settings.engine}, dtype {dtype}, "
+        f"enforce_eager {resolve_eager(settings)}, llmq API processes {os.environ.get('API_PROCESSES', '1')}, "
         f"max_num_seqs {max_num_seqs(settings)}, levels {levels}, {args.rounds} rounds x {args.requests} "
         f"requests per stream, {args.tokens} tokens",
         flush=True,
@@ -456,6 +457,7 @@ def main() -> int:
         out: dict[str, Any] = {
             "model": settings.model_name,
             "dtype": dtype,
+            "engine": settings.engine,
             "tokens": args.tokens,
             "rounds": args.rounds,
             "requests_per_stream": args.requests,
