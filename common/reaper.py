@@ -22,12 +22,13 @@ part of the service is alive):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio.lock import Lock
-from redis.exceptions import RedisError
+from redis.exceptions import LockError, RedisError
 
 from common import keys
 from common.errors import ServiceUnavailableError
@@ -59,15 +60,23 @@ def priority_of(batch: str | None) -> int:
     return keys.BATCH_PRIORITY if batch else keys.CHAT_PRIORITY
 
 
+# The longest a sweep may hold the reaper's lock (a process that died mid-sweep frees it then).
+SWEEP_LOCK_SECONDS = 10.0
+
+
 class Reaper:
     def __init__(self, store: JobStore, requeue: Requeue, settings: Settings):
         self.store = store
         self.requeue = requeue
         self.settings = settings
         self.interval = settings.reaper_interval_seconds
-        # Held for one interval and never released: at most one sweep per interval,
-        # by whichever process gets there first.
-        self._lock = Lock(store.redis, keys.REAPER_LOCK, timeout=self.interval, blocking=False)
+        # Held while a sweep runs, then for one interval after it (never released): one
+        # sweep at a time and at most one per interval, by whichever process gets there
+        # first. A sweep outlasting the interval (a loaded process) must not be overlapped
+        # by another's: both would reap the same lapsed job, whose `reap` answers the
+        # second as the first (its message sent twice). SWEEP_LOCK_SECONDS bounds the wait
+        # when the sweeping process dies mid-sweep.
+        self._lock = Lock(store.redis, keys.REAPER_LOCK, timeout=max(self.interval, SWEEP_LOCK_SECONDS), blocking=False)
         # A model never seen serving (e.g. Redis lost the record) counts from our start.
         self._since = time.time()
 
@@ -75,7 +84,11 @@ class Reaper:
         while True:
             try:
                 if await self._lock.acquire(token=None):
-                    await self.sweep()
+                    try:
+                        await self.sweep()
+                    finally:
+                        with contextlib.suppress(LockError):
+                            await self._lock.extend(self.interval, replace_ttl=True)
             except RedisError as exc:
                 log.warning("reaper: %s", exc)
             except Exception:
