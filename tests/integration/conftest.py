@@ -1,6 +1,7 @@
 """The real stack for integration tests: a Redis server, a Celery worker process holding
-the real vLLM engine on the default model, the API and Flower, all on free ports, started
-once per session and ended by process group. Logs land in the pytest tmp folder."""
+the real vLLM engine on the default model, the API (as API_PROCESSES=2 processes on one
+port, so every test's requests land on either) and Flower, all on free ports, started once
+per session and ended by process group. Logs land in the pytest tmp folder."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ CORS_ORIGIN = "https://app.example.test"
 ALICE_KEY = "sk-test-alice-0123456789"
 BOB_KEY = "sk-test-bob-0123456789"
 ADMIN_KEY = "sk-test-admin-0123456789"
+API_PROCESSES = 2
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +36,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         api_port=free_port(),
         flower_port=free_port(),
         log_dir=logs,
+        # The API as several processes on one port, as `make run` and compose run it.
+        api_processes=API_PROCESSES,
         env={
             # Flower's login, and a browser origin allowed to call the API (CORS).
             "FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH),
@@ -60,6 +64,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         raise
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def api_processes() -> int:
+    """How many processes serve the session stack's API port."""
+    return API_PROCESSES
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     try:
         s.start_redis()
         s.start_worker()
-        s.start_api()
+        # Two API processes: a scrape, whichever answers it, sums both (api.serve, api.metrics).
+        s.start_api(processes=2)
         s.wait_ready(MODEL, timeout=120)
     except BaseException:
         s.stop()
@@ -154,8 +155,9 @@ def test_requests_and_jobs_move_the_counters_by_exactly_their_amounts(stack: Sta
         return str(resp.json()["status"])
 
     with http(stack) as c:
-        # A stream, to its end: TTFT once, ITL once per content chunk after the first.
-        with c.stream("POST", "/v1/chat/completions", json=chat(True, max_tokens=40)) as resp:
+        # A stream, to its end: TTFT once, ITL once per content chunk after the first. Long
+        # enough (2.5 s) to be still open when the scrape (to either API process) arrives.
+        with c.stream("POST", "/v1/chat/completions", json=chat(True, max_tokens=400)) as resp:
             assert resp.status_code == 200
             streamed = []
             for event in sse_events(resp):
