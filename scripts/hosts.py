@@ -171,6 +171,11 @@ class HostNet:
         """Take `host`'s link down: from now on nothing it sends arrives, not even a FIN."""
         ip("link", "set", host.outside, "down")
 
+    def restore(self, host: SimHost) -> None:
+        """Bring `host`'s link up again (a partition that heals): its open connections
+        carry on where TCP left them."""
+        ip("link", "set", host.outside, "up")
+
     def lose_host(self, stack: Stack, host: SimHost) -> None:
         """The host is gone at once: its link down first (so nobody hears its sockets
         close), then every process group started on it SIGKILLed."""

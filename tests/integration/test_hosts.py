@@ -349,3 +349,57 @@ def test_a_host_lost_while_idle_delays_no_job_past_the_resend(hstack: HostStack)
     for j in busy:
         assert_completed_whole(s, j, 400)
     net.stop_host(s, kept)
+
+
+def log_tokens(s: HostStack, job_id: str) -> int:
+    """Tokens in a job's replay log: every attempt's appends that Redis accepted."""
+    events = [json.loads(e) for e in rclient(s).lrange(f"llmq:events:{job_id}", 0, -1)]
+    return sum(len(c.get("token_ids", [])) for e in events for c in e.get("choices", []))
+
+
+def test_a_partitioned_host_is_fenced_off_and_serves_again_once_healed(hstack: HostStack) -> None:
+    """A host cut off but still running (its link down, its worker alive): its leases lapse
+    and its jobs continue on another host; when the link comes back its open connections
+    deliver what it sent meanwhile, and those late writes are refused (attempt fence), so
+    every answer is whole with nothing twice. It registers again and takes jobs again, with
+    no restart of anything."""
+    s, net = hstack, hstack.net
+    assert net is not None
+    kept, cut = net.add_host(), net.add_host()
+    net.start_worker(s, kept, f"{kept.name}-w")
+    net.start_worker(s, cut, f"{cut.name}-w")
+    wait_until(lambda: len(registered(s)) == 2, 60, "both hosts' workers registered")
+    worker = s.proc(f"{cut.name}-w")
+    tokens = 400
+    jobs = submit_many(s, 2 * SLOTS - 1, tokens)
+    held = wait_until(
+        lambda: [
+            j for j in jobs if record(s, j).get("status") == "in_progress" and on_host(record(s, j).get("worker"), cut)
+        ],
+        60,
+        "a job running on the host to be cut off",
+    )
+    net.cut(cut)
+    wait_until(lambda: all(int(record(s, j)["attempt"]) >= 2 for j in held), 60, "the cut-off host's jobs taken over")
+    assert not any(on_host(w, cut) for w in registered(s))
+    net.restore(cut)
+    wait_until(lambda: any(on_host(w, cut) for w in registered(s)), 60, "the healed host registered again")
+    wait_until(lambda: all(record(s, j).get("status") in TERMINAL for j in jobs), 60, "every job ended")
+    for j in jobs:
+        assert_completed_whole(s, j, tokens)
+        assert log_tokens(s, j) == tokens, (j, record(s, j))
+    for j in held:
+        assert not on_host(record(s, j)["worker"], cut)
+
+    # The same worker process, healed, takes jobs again.
+    def served_by_healed() -> bool:
+        batch = submit_many(s, 2 * SLOTS, 16)
+        wait_until(lambda: all(record(s, j).get("status") in TERMINAL for j in batch), 60, "a batch after the heal")
+        for j in batch:
+            assert_completed_whole(s, j, 16)
+        return any(on_host(record(s, j)["worker"], cut) for j in batch)
+
+    wait_until(served_by_healed, 90, "a job served by the healed host", step=1)
+    assert worker.popen.poll() is None
+    net.stop_host(s, kept)
+    net.stop_host(s, cut)
