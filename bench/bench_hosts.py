@@ -166,16 +166,16 @@ async def measure(stack: HostStack, load: Load, level: Level, seconds: float, wo
     level.cpu["machine"] = 100 * cores * (busy1 - busy0) / max(1e-9, total1 - total0)
 
 
-def limit_of(level: Level, cores: int) -> str:
-    """What most likely holds a level back: the busiest single-threaded part near a core,
-    else the machine's cores."""
+def limit_of(level: Level, cores: int, api_processes: int) -> str:
+    """What most likely holds a level back: a part near all the cores it can use (Redis
+    and the client: one; the API: one a process), else the machine's cores."""
     c = level.cpu
+    for part, usable in (("api", api_processes), ("redis", 1), ("client", 1)):
+        if c.get(part, 0) >= 85 * usable:
+            return f"{part} CPU ({c[part]:.0f} % of {usable * 100} %)"
     if c.get("machine", 0) >= 90 * cores:
         return f"machine cores ({c['machine']:.0f} % of {cores * 100} %)"
-    for part in ("api", "redis", "client"):
-        if c.get(part, 0) >= 85:
-            return f"{part} CPU ({c[part]:.0f} % of a core)"
-    return "none seen (the workers' slots)"
+    return "none seen"
 
 
 def table(levels: list[Level], args: argparse.Namespace) -> str:
@@ -202,7 +202,7 @@ def table(levels: list[Level], args: argparse.Namespace) -> str:
             f"| {lv.hosts} | {lv.jobs_per_s:.1f} | {ratio:.2f} | {per_worker * lv.hosts:.1f} | {lv.errors} "
             f"| {c['api']:.0f} | {c['redis']:.0f} | {c['workers']:.0f} ({c['workers_each']:.0f}) | {c['client']:.0f} "
             f"| {max(0.0, c['machine'] - ours):.0f} | {c['machine']:.0f} / {cores * 100} "
-            f"| {limit_of(lv, cores) if held else 'the workers (as meant)'} |"
+            f"| {limit_of(lv, cores, args.api_processes) if held else 'the workers (as meant)'} |"
         )
     if levels and levels[0].jobs_per_s < 0.9 * per_worker:
         rows.append(
