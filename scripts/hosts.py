@@ -5,6 +5,7 @@
     stack.start_redis()                    # Redis on loopback and on the bridge's address
     a = net.add_host()                     # a namespace, a veth pair: one end in it, one on the bridge
     net.start_worker(stack, a, "a-w1")     # a Celery worker inside it (`ip netns exec`)
+    net.cut(a); net.restore(a)             # a partition, and its end
     net.lose_host(stack, a)                # its link down, then its processes SIGKILLed
     net.close(stack)                       # its processes, namespaces, links and bridge gone
 
@@ -15,7 +16,8 @@ link down is what a host that loses power or its network looks like to everyone 
 
 Needs root (CAP_NET_ADMIN) and iproute2. Every name carries a tag of its own, so runs
 side by side never meet, and `close` removes everything this `HostNet` made, whatever
-state the run ended in. Integration tests (tests/integration/test_hosts.py) and the
+state the run ended in (a run killed outright leaves them: `ip netns list`, `ip link`,
+names starting llmq- and lq). Integration tests (tests/integration/test_hosts.py) and the
 scaling benchmark (bench/bench_hosts.py) use it.
 """
 
