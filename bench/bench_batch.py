@@ -8,12 +8,15 @@
    line): the API's resident memory (all its processes) idle, after the upload, after
    validation, at its peak while the lines run, after the results are written and after
    the output file is downloaded. The file is written to disk and streamed both ways.
+   Its lines are padded in a body field the API reads and ignores (`--memory-padding
+   prompt`: in the prompt, tokenized like any prompt, which takes many minutes here).
 3. Real model: `--real-lines` (256) lines on the default model through the whole stack,
    next to the same requests on the engine alone, in-process, at the concurrency the
    batch runs at (the workers' batch share of slots).
 
     python bench/bench_batch.py [--fake-lines 10000] [--memory-mb 200] [--real-lines 256]
-                                [--tokens 32] [--skip-fake] [--skip-memory] [--skip-real]
+                                [--tokens 32] [--memory-padding field|prompt]
+                                [--skip-fake] [--skip-memory] [--skip-real]
 """
 
 from __future__ import annotations
@@ -38,22 +41,27 @@ PROMPTS = [
 ]
 
 
-def write_batch_file(path: Path, n: int, model: str, tokens: int, line_bytes: int = 0) -> int:
-    """Write an input file of `n` lines; with `line_bytes`, each line's prompt is padded
-    with words to about that size. Returns its size in bytes."""
+def write_batch_file(path: Path, n: int, model: str, tokens: int, line_bytes: int = 0, padding: str = "prompt") -> int:
+    """Write an input file of `n` lines; with `line_bytes`, each line is padded with words
+    to about that size, in its prompt (`padding="prompt"`: tokenized and stored like any
+    prompt) or in a body field the API reads and ignores (`"field"`: the file's bytes
+    without the cost of tokenizing them). Returns its size in bytes."""
     with open(path, "w") as f:
         for i in range(n):
             prompt = PROMPTS[i % len(PROMPTS)]
+            pad = ""
             if line_bytes:
                 words = " ".join(f"word{(i + k) % 997}" for k in range(line_bytes // 8))
-                prompt = f"{prompt} {words}"[: max(len(prompt), line_bytes - 260)]
-            body = {
+                pad = words[: max(0, line_bytes - 260)]
+            body: dict[str, object] = {
                 "model": model,
-                "messages": [{"role": "user", "content": prompt}],
+                "messages": [{"role": "user", "content": f"{prompt} {pad}" if padding == "prompt" and pad else prompt}],
                 "max_tokens": tokens,
                 "temperature": 0,
                 "ignore_eos": True,
             }
+            if padding == "field" and pad:
+                body["metadata"] = {"padding": pad}
             line = {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
             f.write(json.dumps(line) + "\n")
     return path.stat().st_size
@@ -99,7 +107,7 @@ def group_rss_mb(pgid: int) -> float:
 
 
 def run_stack_batch(
-    lines: int, tokens: int, engine: str, slots: int, logs: Path, line_bytes: int = 0
+    lines: int, tokens: int, engine: str, slots: int, logs: Path, line_bytes: int = 0, padding: str = "prompt"
 ) -> dict[str, float]:
     import httpx
     import openai
@@ -131,7 +139,7 @@ def run_stack_batch(
         api = procs["api"]
         client = openai.OpenAI(base_url=stack.api_url + "/v1", api_key="unused", max_retries=0, timeout=1800)
         src = folder / "input.jsonl"
-        size = write_batch_file(src, lines, model, tokens, line_bytes)
+        size = write_batch_file(src, lines, model, tokens, line_bytes, padding)
         rss = {"idle": group_rss_mb(api)}
         cpu0 = {name: group_cpu_s(pid) for name, pid in procs.items()}
         t0 = time.monotonic()
@@ -216,6 +224,12 @@ def main() -> int:
     parser.add_argument("--fake-lines", type=int, default=10_000)
     parser.add_argument("--memory-mb", type=int, default=200)
     parser.add_argument("--memory-line-bytes", type=int, default=8192)
+    parser.add_argument(
+        "--memory-padding",
+        choices=("prompt", "field"),
+        default="field",
+        help="where a large line's bytes are: an ignored body field (default) or its prompt (tokenized: much longer)",
+    )
     parser.add_argument("--real-lines", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=64)
@@ -239,8 +253,14 @@ def main() -> int:
     memory: dict[str, float] | None = None
     if not args.skip_memory:
         n = max(1, args.memory_mb * 1024 * 1024 // args.memory_line_bytes)
-        print(f"API memory: a {args.memory_mb} MB input file ({n} lines), fake engine ...", flush=True)
-        memory = run_stack_batch(n, 1, "fake", args.slots, args.logs, line_bytes=args.memory_line_bytes)
+        print(
+            f"API memory: a {args.memory_mb} MB input file ({n} lines, padded in the {args.memory_padding}), "
+            "fake engine ...",
+            flush=True,
+        )
+        memory = run_stack_batch(
+            n, 1, "fake", args.slots, args.logs, line_bytes=args.memory_line_bytes, padding=args.memory_padding
+        )
         print(f"  {memory['lines_per_s']:.1f} lines/s ({memory['wall_s']:.1f} s)", flush=True)
     real = direct = None
     if not args.skip_real:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ def scan_input(path: Path, max_lines: int, max_bytes: int, endpoint: str = ENDPO
     if size > max_bytes:
         return 0, [BatchError(code="file_too_large", message=f"the input file is {size} bytes; at most {max_bytes}")]
     errors: list[BatchError] = []
-    seen: set[str] = set()
+    # Digests of the custom_ids seen (16 bytes each, whatever an id's length), so the
+    # check's memory does not grow with the file's bytes.
+    seen: set[bytes] = set()
     count = 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -67,13 +70,14 @@ def scan_input(path: Path, max_lines: int, max_bytes: int, endpoint: str = ENDPO
                             code="invalid_url", message=f"url must be {endpoint} (the batch's endpoint)", line=number
                         )
                     )
-                if line.custom_id in seen:
+                digest = hashlib.blake2b(line.custom_id.encode(), digest_size=16).digest()
+                if digest in seen:
                     errors.append(
                         BatchError(
                             code="duplicate_custom_id", message=f"duplicate custom_id {line.custom_id!r}", line=number
                         )
                     )
-                seen.add(line.custom_id)
+                seen.add(digest)
             if len(errors) >= 100:
                 break
     if count == 0 and not errors:

@@ -69,6 +69,10 @@ FIRST_GROUP = 32
 STATUS_CHUNK = 500
 # A stopping batch looks again for lines to cancel this often (one may have been missed).
 RESTOP_SECONDS = 10.0
+# How long a woken runner waits for more slots to free up before its next turn.
+COALESCE_SECONDS = 0.005
+# How long a model's batch capacity (from its live workers) is used before it is read again.
+CAPACITY_SECONDS = 1.0
 
 # KEYS: the model's batch slots. ARGV: capacity, job id... How many of the jobs, in
 # order, hold a slot (now, or already: a retried call or a line handed out again); it
@@ -151,6 +155,7 @@ class BatchRunner:
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._reserve = redis.register_script(_RESERVE)
+        self._capacities: dict[str, tuple[float, int]] = {}
 
     # -- scheduling ---------------------------------------------------------------------
 
@@ -303,13 +308,27 @@ class BatchRunner:
                 if await self._dispatch(batch, lines):
                     continue  # handed some out: look again at once
             # Nothing to do until a line ends, a slot frees up or a client acts.
+            timeout = LOCK_SECONDS / 3
+            if batch.expires_at is not None and not stopping:
+                # Woken when its window ends, too (not only when a line ends).
+                timeout = min(timeout, max(0.0, batch.expires_at - time.time()) + 0.01)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout=LOCK_SECONDS / 3)
+                await asyncio.wait_for(wakeup.wait(), timeout=timeout)
+            # Lines end one at a time: a moment's wait gathers the slots freed meanwhile
+            # into one turn (one group), instead of a turn of round trips per line.
+            await asyncio.sleep(COALESCE_SECONDS)
 
     async def _capacity(self, model: str) -> int:
+        """The model's batch slots: `BATCH_SLOT_SHARE` of its live workers' (read at most
+        once every CAPACITY_SECONDS)."""
+        cached = self._capacities.get(model)
+        if cached is not None and time.monotonic() - cached[0] < CAPACITY_SECONDS:
+            return cached[1]
         workers = await live_workers(self.redis, self.settings.worker_ttl_seconds)
         share = self.settings.batch_slot_share
-        return sum(max(1, int(w.slots * share)) for w in workers if w.model == model)
+        capacity = sum(max(1, int(w.slots * share)) for w in workers if w.model == model)
+        self._capacities[model] = (time.monotonic(), capacity)
+        return capacity
 
     async def _dispatch(self, batch: BatchObject, lines: _Lines) -> bool:
         """Hand out a group of lines, each once it holds a slot; True if any went out."""

@@ -317,3 +317,48 @@ def test_lines_go_out_in_groups_within_the_slots_once_each_across_an_api_crash(f
     attempts = [r.hget(keys.job(job_id), "attempt") for job_id in ids]
     assert set(attempts) == {b"1"}, sorted(set(attempts))
     assert r.hget(keys.batch(batch.id), "n_dispatched") == b"300"
+
+
+@pytest.mark.parametrize("how", ["cancel", "expire"])
+def test_a_stopped_batch_ends_every_line_and_frees_its_slots(fake_stack, how):
+    """Cancelled (or past its window) mid-run: the lines in flight are cancelled, those
+    never handed out are never run, every line has exactly one outcome, and the batch's
+    slots are all given back."""
+    import redis as redis_lib
+
+    from api.batches.input import line_job_id
+    from common import keys
+    from common.settings import get_settings
+
+    model = get_settings().model_name
+    lines = [line(f"s-{i}", model, max_tokens=64, ignore_eos=True) for i in range(120)]
+    c = openai.OpenAI(base_url=fake_stack.api_url + "/v1", api_key="unused", max_retries=2, timeout=60)
+    batch = run_batch(c, lines)
+    deadline = time.monotonic() + 120
+    while c.batches.retrieve(batch.id).request_counts.completed < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = redis_lib.Redis.from_url(fake_stack.redis_url)
+    if how == "cancel":
+        c.batches.cancel(batch.id)
+        final = wait_batch(c, batch.id, statuses=("cancelled",), timeout=60)
+    else:
+        r.hset(keys.batch(batch.id), "expires_at", json.dumps(int(time.time()) - 1))
+        final = wait_batch(c, batch.id, statuses=("expired",), timeout=60)
+    out = read_jsonl(c, final.output_file_id)
+    errors = read_jsonl(c, final.error_file_id)
+    assert len(out) >= 6 and len(out) + len(errors) == 120
+    assert len({x["custom_id"] for x in out + errors}) == 120
+    code = "batch_cancelled" if how == "cancel" else "batch_expired"
+    assert all(e["error"]["code"] == code for e in errors if e["response"] is None)
+    assert any(e["response"] is None for e in errors)  # lines never handed out
+    dispatched = int(r.hget(keys.batch(batch.id), "n_dispatched"))
+    assert dispatched < 120
+    statuses = {r.hget(keys.job(line_job_id(batch.id, batch.endpoint, i)), "status") for i in range(dispatched)}
+    assert statuses <= {b"completed", b"cancelled"}, statuses
+    if how == "cancel":
+        # The lines in flight when it was cancelled were cancelled, not left to run to
+        # their end. (A window that ends is seen at the runner's next turn: by then the
+        # lines in flight may all have finished.)
+        assert b"cancelled" in statuses, statuses
+    assert not [m for m in r.smembers(keys.batch_slots(model)) if batch.id.removeprefix("batch_") in m.decode()]
