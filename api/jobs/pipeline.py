@@ -9,6 +9,7 @@ get:    the record; follow: its events from any cursor (`JobReader`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +43,70 @@ class JobConflictError(ConflictError):
     default_code = "job_not_cancellable"
 
 
+class MessageGroups:
+    """Sends the Celery messages of jobs queued at about the same time together: while
+    one group is being sent, the jobs queued meanwhile gather into the next (per model
+    and priority), which goes out in one call (`JobQueue.submit_many`: one thread hop
+    and one pipelined round trip for the group, against one of each per job, which
+    under load cost about 1.3 ms of CPU a job with the threads contending, a group of
+    8 about 0.4 ms). A job queued alone goes out alone, at once. Should a group fail,
+    each of its jobs is sent again on its own (with the queue's retries); a message
+    sent twice is harmless (a job is claimed once; the sweeper sends duplicates too)."""
+
+    def __init__(self, queue: JobQueue):
+        self.queue = queue
+        self._waiting: dict[tuple[str, int], list[tuple[str, asyncio.Future[None]]]] = {}
+        self._sender: asyncio.Task[None] | None = None
+
+    async def send(self, job_id: str, model: str, priority: int) -> None:
+        """Send the job's message; returns once it went out (raises if it could not)."""
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A caller that has gone (cancelled) leaves its outcome unread: not an error.
+        sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._waiting.setdefault((model, priority), []).append((job_id, sent))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_waiting(), name="job-messages")
+        await asyncio.shield(sent)
+
+    async def _send_waiting(self) -> None:
+        groups: dict[tuple[str, int], list[tuple[str, asyncio.Future[None]]]] = {}
+        try:
+            while self._waiting:
+                groups, self._waiting = self._waiting, {}
+                await asyncio.gather(*(self._send_group(m, p, items) for (m, p), items in groups.items()))
+        finally:
+            self._sender = None
+            # Stopped midway (the process is shutting down): no caller is left waiting.
+            for items in [*groups.values(), *self._waiting.values()]:
+                for _, sent in items:
+                    if not sent.done():
+                        sent.set_exception(ServiceUnavailableError("the job's message was not sent"))
+            self._waiting = {}
+
+    async def _send_group(self, model: str, priority: int, items: list[tuple[str, asyncio.Future[None]]]) -> None:
+        if len(items) > 1:
+            try:
+                await self.queue.submit_many([job_id for job_id, _ in items], model, priority)
+            except Exception:
+                log.warning("sending a group of %d job messages failed; sending each on its own", len(items))
+            else:
+                for _, sent in items:
+                    if not sent.done():
+                        sent.set_result(None)
+                return
+        await asyncio.gather(*(self._send_one(job_id, model, priority, sent) for job_id, sent in items))
+
+    async def _send_one(self, job_id: str, model: str, priority: int, sent: asyncio.Future[None]) -> None:
+        try:
+            await self.queue.submit(job_id, model, priority)
+        except Exception as exc:
+            if not sent.done():
+                sent.set_exception(exc)
+        else:
+            if not sent.done():
+                sent.set_result(None)
+
+
 class JobPipeline:
     def __init__(
         self, settings: Settings, redis: aioredis.Redis, relay: StreamRelay, queue: JobQueue, admission: Admission
@@ -52,6 +117,7 @@ class JobPipeline:
         self.store = JobStore(redis, settings.job_ttl_seconds, settings.queue_resend_seconds)
         self.relay = relay
         self.queue = queue
+        self.messages = MessageGroups(queue)
         self.reader = JobReader(redis, self.store, relay)
 
     async def submit(
@@ -136,7 +202,7 @@ class JobPipeline:
         if code == 1 or (code == 0 and await self.store.status(record.id) == JobStatus.queued):
             if timing.ENABLED and record.options.stream:
                 timing.stamp(record.id, "recorded")
-            await self.queue.submit(record.id, record.model, priority)
+            await self.messages.send(record.id, record.model, priority)
             if timing.ENABLED and record.options.stream:
                 timing.stamp(record.id, "queued")
         return code, count
