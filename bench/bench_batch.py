@@ -107,7 +107,14 @@ def group_rss_mb(pgid: int) -> float:
 
 
 def run_stack_batch(
-    lines: int, tokens: int, engine: str, slots: int, logs: Path, line_bytes: int = 0, padding: str = "prompt"
+    lines: int,
+    tokens: int,
+    engine: str,
+    slots: int,
+    logs: Path,
+    line_bytes: int = 0,
+    padding: str = "prompt",
+    workers: int = 1,
 ) -> dict[str, float]:
     import httpx
     import openai
@@ -132,9 +139,10 @@ def run_stack_batch(
     )
     try:
         stack.start_redis()
-        stack.start_worker()
+        for i in range(workers):
+            stack.start_worker(f"worker{i + 1}")
         stack.start_api()
-        stack.wait_ready(model, timeout=600)
+        stack.wait_ready(model, workers=workers, timeout=600)
         procs = {p.name: p.popen.pid for p in stack.procs}
         api = procs["api"]
         client = openai.OpenAI(base_url=stack.api_url + "/v1", api_key="unused", max_retries=0, timeout=1800)
@@ -233,6 +241,7 @@ def main() -> int:
     parser.add_argument("--real-lines", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="fake-engine worker processes for the ceiling row")
     parser.add_argument("--logs", type=Path, default=ROOT / "var" / "bench-batch")
     parser.add_argument("--skip-fake", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -246,10 +255,10 @@ def main() -> int:
     rows: list[tuple[str, dict[str, float], int]] = []
     fake: dict[str, float] | None = None
     if not args.skip_fake:
-        print(f"orchestration ceiling: {args.fake_lines} lines, fake engine ...", flush=True)
-        fake = run_stack_batch(args.fake_lines, 16, "fake", args.slots, args.logs)
+        print(f"orchestration ceiling: {args.fake_lines} lines, fake engine, {args.workers} worker(s) ...", flush=True)
+        fake = run_stack_batch(args.fake_lines, 16, "fake", args.slots, args.logs, workers=args.workers)
         print(f"  {fake['lines_per_s']:.1f} lines/s ({fake['wall_s']:.1f} s)", flush=True)
-        rows.append(("stack, fake engine", fake, 16))
+        rows.append((f"stack, fake engine, {args.workers} worker(s)", fake, 16))
     memory: dict[str, float] | None = None
     if not args.skip_memory:
         n = max(1, args.memory_mb * 1024 * 1024 // args.memory_line_bytes)
