@@ -45,7 +45,7 @@ chaos: setup model redis
 	$(PY) -m pytest tests/integration/test_chaos.py -s
 
 bench: setup model redis
-	$(PY) bench/bench_stream.py
+	$(PY) bench/bench_stream.py $(BENCH_ARGS)
 
 bench-batch: setup model redis
 	$(PY) bench/bench_batch.py
