@@ -460,8 +460,25 @@ def process_metrics() -> bytes:
     if directory is None:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry(auto_describe=False)
-    multiprocess.MultiProcessCollector(registry, path=directory)
+    registry.register(_Declared(multiprocess.MultiProcessCollector(None, path=directory)))
     return generate_latest(registry)
+
+
+class _Declared(Collector):
+    """The samples every process wrote, plus the llmq families no process has touched yet
+    (their HELP and TYPE, no sample), as a single process's registry shows them."""
+
+    def __init__(self, collector: multiprocess.MultiProcessCollector):
+        self.collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        seen = set()
+        for family in self.collector.collect():
+            seen.add(family.name)
+            yield family
+        for family in REGISTRY.collect():  # this process's own metrics: only their declarations
+            if family.name.startswith("llmq_") and family.name not in seen:
+                yield Metric(family.name, family.documentation, family.type, family.unit)
 
 
 def render(snapshot: QueueSnapshot | None) -> bytes:

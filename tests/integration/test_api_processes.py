@@ -1,7 +1,8 @@
 """The API as several processes on one port (API_PROCESSES, `python -m api.serve`), from the
 outside, on the session stack (two processes, the real engine): connections land on every
 process, each process holds one Redis pub/sub connection whatever it streams, and a stream
-started on one process is resumed and cancelled through another.
+started on one process is resumed and cancelled through another. On a fake-engine stack:
+a SIGKILLed API process is replaced by uvicorn's supervisor while the other serves.
 
 Which process answered a connection is read from /proc: the API's socket whose peer is
 the client's local port belongs to exactly one of the API's processes."""
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +22,13 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from stack import Stack, redis_clients_by_pid, socket_inodes, subscriber  # noqa: E402
+from stack import Stack, free_port, redis_clients_by_pid, socket_inodes, subscriber  # noqa: E402
 
 pytestmark = pytest.mark.integration
 # Fresh connections tried before giving up on reaching another process (the kernel hands
 # each to whichever process accepts it first; 2 processes: 2^-40 to miss one by chance).
 TRIES = 40
+FAKE_MODEL = "SmolLM2-135M-Instruct"
 
 
 def local_port(resp: httpx.Response) -> int:
@@ -150,3 +155,73 @@ def test_a_stream_started_on_one_process_is_resumed_and_cancelled_through_anothe
     with httpx.Client(base_url=stack.api_url, timeout=30, headers=auth) as c:
         record = c.get(f"/v1/chat/completions/{job_id}").json()
     assert record["choices"][0]["finish_reason"] == "cancelled"
+
+
+@pytest.fixture(scope="module")
+def fake_stack(tmp_path_factory):
+    """Two API processes before a fake engine whose steps (8 tokens) take 0.2 s."""
+    logs = tmp_path_factory.mktemp("api-processes-logs")
+    s = Stack(
+        redis_port=free_port(),
+        api_port=free_port(),
+        flower_port=None,
+        log_dir=logs,
+        api_processes=2,
+        env={"ENGINE": "fake", "FAKE_STEP_SECONDS": "0.2", "WORKER_SLOTS": "4", "FILES_DIR": str(logs / "files")},
+    )
+    try:
+        s.start_redis()
+        s.start_worker()
+        s.start_api()
+        s.wait_ready(FAKE_MODEL, timeout=120)
+    except BaseException:
+        s.stop()
+        raise
+    yield s
+    s.stop()
+
+
+def open_streams(stack: Stack) -> float:
+    text = httpx.get(stack.api_url + "/metrics", timeout=10).text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("llmq_open_streams "))
+
+
+def test_a_killed_api_process_is_replaced_and_its_streams_resume_on_the_other(fake_stack):
+    """uvicorn's supervisor starts a new process in place of one SIGKILLed; the other keeps
+    serving, the cut stream resumes there to its end, and /metrics no longer counts the
+    dead process's open stream (its live gauge is forgotten by the new process)."""
+    stack = fake_stack
+    before = set(stack.api_pids())
+    body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
+    with (
+        httpx.Client(base_url=stack.api_url, timeout=60) as c,
+        c.stream("POST", "/v1/chat/completions", json=body) as s,
+    ):
+        victim = serving_pid(stack, local_port(s))
+        stream = events(s)  # kept: a generator dropped midway closes the connection
+        first = next(chunk for _, data in stream if (chunk := json.loads(data)).get("seq") is not None)
+        job_id, seq = first["id"], first["seq"]
+        assert open_streams(stack) == 1  # summed over both processes, whichever answers
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(httpx.HTTPError):
+            for _ in stream:
+                pass
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (len(now := set(stack.api_pids())) < 2 or victim in now):
+        time.sleep(0.2)
+    replaced = set(stack.api_pids())
+    assert victim not in replaced and len(replaced) == 2 and len(replaced & before) == 1, (before, replaced)
+    stack.wait_ready(FAKE_MODEL, timeout=60)
+    # Once the new process has started (it forgets the dead one's live gauge), whichever
+    # process answers: no stream is open. Without that, the dead one's 1 stays for good.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and open_streams(stack) != 0:
+        time.sleep(0.5)
+    assert open_streams(stack) == 0
+    with (
+        httpx.Client(base_url=stack.api_url, timeout=60) as c,
+        c.stream("GET", f"/v1/chat/completions/{job_id}/stream", headers={"Last-Event-ID": str(seq)}) as resumed,
+    ):
+        got = list(events(resumed))
+    assert got[-1][1] == "[DONE]" and int(got[0][0]) == seq + 1
+    assert finish_reason(got[-2][1]) == "length"
