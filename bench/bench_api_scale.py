@@ -94,6 +94,15 @@ class Level:
         """Cores busy with programs not part of this run (a shared machine)."""
         return max(0.0, self.machine_cores - self.ours)
 
+    def ms_per_job(self, cores: float) -> float:
+        return 1000 * cores * self.seconds / self.jobs if self.jobs else 0.0
+
+    @property
+    def quiet_ceiling(self) -> float:
+        """Jobs/s this machine's cores would allow if only this run used them (its CPU per job)."""
+        per_job = self.ms_per_job(self.ours)
+        return 1000 * CORES / per_job if per_job else 0.0
+
     @property
     def limit(self) -> str:
         if self.redis_cores >= BUSY:
@@ -262,6 +271,14 @@ def main() -> None:
             f"{lv.client_cores:>6.2f} {lv.others:>6.2f} {lv.machine_cores:>7.2f} | {lv.limit}"
             + (f" (x{rate / base:.2f} of 1 process)" if base and lv is not results[0] else "")
         )
+    print(f"\nCPU per job (ms; steadier than the rates on a shared machine) and what {CORES} cores would allow:")
+    print(f"{'API procs':>9} {'API':>6} {'worker':>6} {'Redis':>6} {'client':>6} {'all':>6} | jobs/s if alone")
+    for lv in results:
+        print(
+            f"{lv.processes:>9} {lv.ms_per_job(lv.api_cores):>6.2f} {lv.ms_per_job(lv.worker_cores):>6.2f} "
+            f"{lv.ms_per_job(lv.redis_cores):>6.2f} {lv.ms_per_job(lv.client_cores):>6.2f} "
+            f"{lv.ms_per_job(lv.ours):>6.2f} | {lv.quiet_ceiling:>6.0f}"
+        )
     print(
         "\nRESULT "
         + json.dumps(
@@ -278,6 +295,9 @@ def main() -> None:
                     "client_cores": round(lv.client_cores, 2),
                     "other_programs_cores": round(lv.others, 2),
                     "machine_cores": round(lv.machine_cores, 2),
+                    "api_cpu_ms_per_job": round(lv.ms_per_job(lv.api_cores), 2),
+                    "cpu_ms_per_job": round(lv.ms_per_job(lv.ours), 2),
+                    "jobs_per_s_if_alone": round(lv.quiet_ceiling),
                     "limit": lv.limit,
                 }
                 for lv in results
