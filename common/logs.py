@@ -26,6 +26,7 @@ import enum
 import json
 import logging
 import math
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -105,9 +106,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str, separators=(",", ":"))
 
 
+# A text field's value needs quoting when it holds one of these (one regex search, not a
+# Python-level loop over its characters: this runs for every field of every line).
+_NEEDS_QUOTES = re.compile(r"[\s\"'=]")
+
+
 def _text_value(value: Any) -> str:
     if isinstance(value, str):
-        if value and not any(c.isspace() or c in "\"'=" for c in value):
+        if value and _NEEDS_QUOTES.search(value) is None:
             return value
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, bool):
@@ -136,6 +142,9 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Ours: replaced, not added to, when `setup_logging` runs again."""
 
 
+_PER_TASK_INFO = ("celery.worker.strategy", "celery.app.trace")
+
+
 def setup_logging(settings: Settings, process: str) -> logging.Handler:
     """Route every log line of this process (`api`, `worker`) through one handler on
     stderr in the configured format and level. Safe to call again (it replaces its own
@@ -156,4 +165,10 @@ def setup_logging(settings: Settings, process: str) -> logging.Handler:
         lib.propagate = True
     # The API's own `request` line (api/request_log.py) replaces uvicorn's access line.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Celery's per-task "received" and "succeeded in ...: <result repr>" lines repeat the
+    # worker's own job.started / job.ended lines, at some 5% of a busy worker's CPU
+    # (issue 12); they come back with LOG_LEVEL=DEBUG. Task failures are still logged.
+    if root.level > logging.DEBUG:
+        for name in _PER_TASK_INFO:
+            logging.getLogger(name).setLevel(logging.WARNING)
     return handler

@@ -12,7 +12,7 @@ import pytest
 
 from api.auth import Principal
 from api.endpoints.chat import ChatAdapter
-from api.jobs.pipeline import JobPipeline
+from api.jobs.pipeline import JobPipeline, MessageGroups
 from common.errors import OverloadedError
 from common.jobs import JobOptions, JobRecord, JobRequest, SamplingSpec
 from common.logs import JsonFormatter, TextFormatter, job_fields, log_event, setup_logging
@@ -139,6 +139,37 @@ def test_setup_logging_installs_one_handler_in_the_chosen_format(monkeypatch):
         root.setLevel(level)
 
 
+def test_celerys_per_task_info_lines_are_quiet_unless_debugging(monkeypatch):
+    """Celery's "received" / "succeeded in" lines repeat job.started / job.ended (issue 12:
+    some 5% of a busy worker's CPU); LOG_LEVEL=DEBUG brings them back."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    names = ("celery.worker.strategy", "celery.app.trace")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        setup_logging(Settings(log_level="info"), "worker")
+        assert all(not logging.getLogger(n).isEnabledFor(logging.INFO) for n in names)
+        assert all(logging.getLogger(n).isEnabledFor(logging.ERROR) for n in names)  # failures still logged
+        for name in names:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        setup_logging(Settings(log_level="debug"), "worker")
+        assert all(logging.getLogger(n).isEnabledFor(logging.INFO) for n in names)
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        for name in names:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_text_values_are_quoted_only_when_they_must_be(capture):
+    out = capture(TextFormatter("api"))
+    log_event(logging.getLogger("llmq.test"), "x", a="plain", b="two words", c='q"uote', d="k=v", e="tab\tx", f="")
+    assert 'a=plain b="two words" c="q\\"uote" d="k=v" e="tab\\tx" f=""' in out.getvalue()
+
+
 def test_log_level_must_be_a_level_name():
     assert Settings(log_level="debug").log_level == "debug"
     with pytest.raises(ValueError):
@@ -180,6 +211,7 @@ def adapter(settings: Settings, refuse: bool = False) -> tuple[ChatAdapter, Fake
     pipeline = object.__new__(JobPipeline)
     queue = FakeQueue()
     pipeline.settings, pipeline.store, pipeline.queue = settings, FakeStore(), queue  # type: ignore[assignment]
+    pipeline.messages = MessageGroups(queue)  # type: ignore[arg-type]
     pipeline.admission = FakeAdmission(refuse)  # type: ignore[assignment]
 
     async def look(model, headers=None):
