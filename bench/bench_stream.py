@@ -59,6 +59,8 @@ class Sample:
     job_id: str | None = None
     sent: float = 0.0  # wall clock: request sent
     first: float = 0.0  # wall clock: first content chunk
+    # Seconds from the last content chunk to the end of the response ([DONE], usage, close).
+    tail: float = 0.0
 
 
 @dataclass
@@ -103,6 +105,8 @@ class Level:
             "itl_p99": self.median(itl(99)),
             "itl_worst_stream_p99": self.median(worst_stream_p99),
             "tokens_per_chunk": self.median(tokens_per_chunk),
+            "end_p50": self.median(lambda r: percentile([s.tail for s in r.samples], 50)),
+            "end_p99": self.median(lambda r: percentile([s.tail for s in r.samples], 99)),
             "requests": sum(len(r.samples) for r in self.rounds),
             "rounds": len(self.rounds),
             "errors": self.errors,
@@ -191,9 +195,11 @@ async def run_engine(levels: list[int], tokens: int, rounds: int, requests: int)
 
 
 def sample(t0: float, arrivals: list[float], tokens: int, job_id: str | None = None, sent: float = 0.0) -> Sample:
-    end = arrivals[0] if arrivals else time.perf_counter()
+    now = time.perf_counter()
+    end = arrivals[0] if arrivals else now
     return Sample(
         ttft=end - t0,
+        tail=now - arrivals[-1] if arrivals else 0.0,
         tokens=tokens,
         gaps=[b - a for a, b in zip(arrivals, arrivals[1:], strict=False)],
         chunks=len(arrivals),
@@ -350,15 +356,18 @@ def report(results: dict[str, list[Level]], tokens: int, dtype: str) -> str:
                      f"| {ratio('llmq', 'serve', n, 'ttft_p99')} |")  # fmt: skip
     lines += [
         "",
-        "Inter-token latency, ms: between content chunks p50 / p99 (all streams), worst stream's p99; tokens per chunk",
+        "Inter-token latency, ms: between content chunks p50 / p99 (all streams), worst stream's p99; tokens per "
+        "chunk; end: last content chunk to the response's end, p50 / p99 ms",
         "",
         "| streams | " + " | ".join(f"{m} p50 / p99 / worst" for m in present) + " | "
-        + " | ".join(f"{m} tok/chunk" for m in present) + " |",
-        "|---:|" + "---:|" * (2 * len(present)),
+        + " | ".join(f"{m} tok/chunk" for m in present) + " | "
+        + " | ".join(f"{m} end" for m in present) + " |",
+        "|---:|" + "---:|" * (3 * len(present)),
     ]  # fmt: skip
     for n in levels:
         row = [cell(m, n, "itl_p50", "itl_p99", "itl_worst_stream_p99") for m in present]
         row += [cell(m, n, "tokens_per_chunk", scale=lambda v: f"{v:.2f}") for m in present]
+        row += [cell(m, n, "end_p50", "end_p99") for m in present]
         lines.append(f"| {n} | " + " | ".join(row) + " |")
     errors = {f"{lv.mode}@{lv.streams}": lv.errors for levels_ in results.values() for lv in levels_ if lv.errors}
     if errors:
@@ -428,6 +437,9 @@ def main() -> int:
 
     settings = get_settings()
     dtype = resolve_dtype(settings)
+    if dtype == "auto":  # vLLM's auto: the checkpoint's own
+        config = json.loads((Path(settings.model_path) / "config.json").read_text())
+        dtype = f"auto ({config.get('torch_dtype') or config.get('dtype')})"
     print(
         f"model {settings.model_name}, engine {settings.engine}, dtype {dtype}, "
         f"enforce_eager {resolve_eager(settings)}, llmq API processes {os.environ.get('API_PROCESSES', '1')}, "
