@@ -244,12 +244,17 @@ class RequestTimer:
         self._ttft = TTFT.labels(model)
         self._itl = ITL.labels(model)
 
-    def content_sent(self) -> None:
+    def content_sent(self, chunks: int = 1) -> None:
+        """`chunks` content chunks went out in one write (a reader that fell behind, or
+        the last ones with [DONE]): the first is timed from the previous write (or the
+        request, for the first token), the others arrived with it (0 s apart)."""
         now = time.perf_counter()
         if self._last is None:
             self._ttft.observe(now - self.arrived)
         else:
             self._itl.observe(now - self._last)
+        for _ in range(chunks - 1):
+            self._itl.observe(0.0)
         self._last = now
 
     def ended(self) -> None:

@@ -445,6 +445,8 @@ class JobAdapter:
 
         finished = False
         out: list[dict[str, str]] = []
+        # Content chunks in `out`, counted for the metrics once they are sent.
+        content = 0
         try:
             if after < 0 and job.kind == "chat":
                 role = {"role": "assistant", "content": ""}
@@ -456,7 +458,6 @@ class JobAdapter:
                 sent_in = await self._attempt_at(job.id, after)
             try:
                 async for batch in self.pipeline.follow_batches(job.id, after, subscription):
-                    content = False
                     for ev in batch:
                         if ev.kind == "delta":
                             if not job.continuable and sent_in is None and ev.attempt < job.attempt:
@@ -473,7 +474,7 @@ class JobAdapter:
                             if choices:
                                 sent_in = ev.attempt
                                 out.append(event(chunk_json(job, choices, attempt=ev.attempt, seq=ev.seq), ev.seq))
-                                content = content or any(c.text or c.tool_calls or c.reasoning for c in ev.choices)
+                                content += any(c.text or c.tool_calls or c.reasoning for c in ev.choices)
                         elif ev.kind == "done":
                             finished = True
                             # Ends that came with no delta (cancelled while queued, or by the reaper).
@@ -500,7 +501,8 @@ class JobAdapter:
                         sending, out = out, []
                         yield sending
                         if timer is not None and content:
-                            timer.content_sent()  # metrics: sent (the next one is asked for)
+                            timer.content_sent(content)  # metrics: sent (the next one is asked for)
+                        content = 0
                         if timing.ENABLED:
                             timing.stamp(job.id, "sse")
             except ServiceError as exc:
@@ -516,6 +518,8 @@ class JobAdapter:
             sending, out = out, []
             yield sending
             if timer is not None:
+                if content:  # the last content chunks went out with [DONE]
+                    timer.content_sent(content)
                 timer.ended()  # metrics: [DONE] sent
         finally:
             leaving = not finished and cancel_on_disconnect and not (shutdown is not None and shutdown.is_set())
