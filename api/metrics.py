@@ -444,7 +444,13 @@ def forget_dead_processes(include_self: bool = False) -> list[int]:
             continue
         if pid == os.getpid() and not include_self or pid != os.getpid() and _alive(pid):
             continue
-        multiprocess.mark_process_dead(pid, directory)
+        try:
+            multiprocess.mark_process_dead(pid, directory)
+        except OSError:
+            # Another process forgetting the same one removed its file first (two
+            # replacements starting at once): done. Bookkeeping must never fail a start
+            # (uvicorn's supervisor stops the whole API when a process fails to start).
+            continue
         gone.append(pid)
     return gone
 

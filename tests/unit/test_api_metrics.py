@@ -283,3 +283,22 @@ def test_metrics_are_public_unless_a_key_is_required(require: bool) -> None:
         status = c.get(path).status_code
         assert (status == 401) == require, (path, status)
     assert c.get("/v1/models").status_code == 401
+
+
+def test_forgetting_a_dead_process_another_forgot_first_is_not_an_error(tmp_path, monkeypatch):
+    """Two API processes replacing two dead ones at once both forget the same pid: the
+    second finds its file gone. That must not fail its start (uvicorn's supervisor then
+    stops the whole API)."""
+    from prometheus_client import multiprocess
+
+    from api import metrics
+
+    dead = 2**22 + 12345  # above pid_max's default: no such process
+    (tmp_path / f"gauge_livesum_{dead}.db").write_bytes(b"")
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+
+    def removed_by_the_other(pid: int, path: str) -> None:
+        raise FileNotFoundError(f"{path}/gauge_livesum_{pid}.db")
+
+    monkeypatch.setattr(multiprocess, "mark_process_dead", removed_by_the_other)
+    assert metrics.forget_dead_processes() == []
