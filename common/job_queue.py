@@ -14,9 +14,15 @@ from kombu.exceptions import KombuError, OperationalError
 from common import keys
 from common.errors import ServiceUnavailableError
 
+# A send that has had no answer from Redis this long fails (and is retried, then refused
+# with a 503): without it a half-open connection (dropped by a NAT or a proxy) left a send
+# hanging until TCP gave up, and with it every message queued behind it in the API's
+# message groups (api.jobs.pipeline.MessageGroups).
+SEND_TIMEOUT_SECONDS = 10.0
+
 
 class JobQueue:
-    def __init__(self, redis_url: str, visibility_timeout: int):
+    def __init__(self, redis_url: str, visibility_timeout: int, send_timeout: float = SEND_TIMEOUT_SECONDS):
         self.app = Celery("llmq-api", broker=redis_url)
         self.app.conf.update(
             task_send_sent_event=True,  # Flower shows jobs from the moment they are queued
@@ -26,7 +32,8 @@ class JobQueue:
             task_serializer="json",
             event_serializer="json",
             broker_connection_retry_on_startup=True,
-            broker_transport_options=keys.broker_transport_options(visibility_timeout),
+            broker_transport_options=keys.broker_transport_options(visibility_timeout)
+            | {"socket_timeout": send_timeout, "socket_connect_timeout": send_timeout},
         )
 
     def _send(self, job_id: str, model: str, priority: int) -> None:
