@@ -107,7 +107,8 @@ class BatchObject(Owned):
 
 # Batch record fields that are plain strings in the Redis hash; the rest are JSON.
 _PLAIN = {"id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id"}
-# Counters: `total` and `dispatched` (lines handed out, a high-water mark) live in the
+# Counters: `total`, `dispatched` (lines handed out, a high-water mark) and `handing`
+# (lines whose records may exist: raised before a group's are written) live in the
 # record; the ended lines are counted from the batch's per-status sets (`ended`), until
 # the batch ends and its final counts are written into the record.
 COUNTERS = ("total", "completed", "failed", "cancelled", "dispatched")

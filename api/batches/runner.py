@@ -90,6 +90,14 @@ end
 return held
 """
 
+# KEYS: the batch's record. ARGV: a line index. Raises the batch's `n_handing` mark to it:
+# the lines below it may have records (a group's records are written before its messages
+# go out and `n_dispatched` moves past it), so a stop covers them too.
+_RAISE_HANDING = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'n_handing') or '0')
+if tonumber(ARGV[1]) > cur then redis.call('HSET', KEYS[1], 'n_handing', ARGV[1]) end
+"""
+
 
 def _validation_error(exc: ValidationError) -> InvalidRequestError:
     """A line's invalid body as the 400 the endpoint would answer (`param` named as there)."""
@@ -155,6 +163,7 @@ class BatchRunner:
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._reserve = redis.register_script(_RESERVE)
+        self._raise_handing = redis.register_script(_RAISE_HANDING)
         self._capacities: dict[str, tuple[float, int]] = {}
 
     # -- scheduling ---------------------------------------------------------------------
@@ -410,17 +419,23 @@ class BatchRunner:
         lines (one pipeline per model), then move the high-water mark past it. Safe to
         repeat after a crash at any point: a record that exists is left as it is, and
         its message is sent again only while it is queued."""
+        # Before any record is written: a stop that finds this group half handed out (the
+        # process died, or a send failed) cancels what it left (`_stop_lines`).
+        await self._raise_handing(keys=[keys.batch(batch.id)], args=[group[-1].index + 1])
         codes = await self.pipeline.store.create_lines([item.record for item in group], ttl=self._ttl())
-        again = [item for item, code in zip(group, codes, strict=True) if code != 1 and item.error is None]
+        again = [item for item, code in zip(group, codes, strict=True) if code != 1]
         statuses: list[Any] = []
         if again:
             # Handed out before a restart: queued ones get their message again; one that
-            # has ended meanwhile holds no slot.
+            # has ended meanwhile holds no slot, and counts as ended with its own status
+            # (whatever this preparation made of it: the record written first stands).
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in again:
                     pipe.hget(keys.job(item.record.id), "status")
                 statuses = await pipe.execute()
-        resend = {item.record.id for item, st in zip(again, statuses, strict=True) if st == b"queued"}
+        resend = {
+            item.record.id for item, st in zip(again, statuses, strict=True) if st == b"queued" and item.error is None
+        }
         to_send: dict[str, list[str]] = defaultdict(list)
         for item, code in zip(group, codes, strict=True):
             if item.error is None and (code == 1 or item.record.id in resend):
@@ -429,9 +444,10 @@ class BatchRunner:
             await self.pipeline.queue.submit_many(ids, model, keys.BATCH_PRIORITY)
         async with self.redis.pipeline(transaction=False) as pipe:
             for item, st in zip(again, statuses, strict=True):
-                if st is not None and JobStatus(keys.text(st)).terminal:
+                if st is not None and (status := JobStatus(keys.text(st))).terminal:
                     pipe.srem(keys.batch_slots(item.record.model), item.record.id)
-            failed = [item.record.id for item in group if item.error is not None]
+                    pipe.sadd(keys.batch_ended(batch.id, status.value), item.record.id)
+            failed = [item.record.id for item, code in zip(group, codes, strict=True) if item.error and code == 1]
             if failed:
                 pipe.sadd(keys.batch_ended(batch.id, JobStatus.failed.value), *failed)
             # A high-water mark (set, not incremented): writing it twice is harmless.
@@ -482,8 +498,29 @@ class BatchRunner:
         return max(self.settings.job_ttl_seconds, 2 * 24 * 3600)
 
     async def _stop_lines(self, batch: BatchObject, counters: dict[str, int]) -> None:
-        """Cancel the lines handed out that have not ended; the rest are never handed out."""
+        """Cancel the lines handed out that have not ended; the rest are never handed out.
+        A group half handed out (records written, `n_dispatched` not yet past them: the
+        process died, or a send failed) counts as handed out up to its last line with a
+        record, so those lines are cancelled and waited for too (`counters` is updated)."""
         dispatched = counters["dispatched"]
+        handing = counters.get("handing", 0)
+        if handing > dispatched:
+            ids = [line_job_id(batch.id, batch.endpoint, i) for i in range(dispatched, handing)]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(keys.job(job_id), "status")
+                statuses = await pipe.execute()
+            written = [i for i, st in enumerate(statuses) if st is not None]
+            if written:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for i in written:
+                        status = JobStatus(keys.text(statuses[i]))
+                        if status.terminal:
+                            pipe.sadd(keys.batch_ended(batch.id, status.value), ids[i])
+                    dispatched = dispatched + written[-1] + 1
+                    pipe.hset(keys.batch(batch.id), "n_dispatched", dispatched)
+                    await pipe.execute()
+                counters["dispatched"] = dispatched
         for start in range(0, dispatched, STATUS_CHUNK):
             ids = [
                 line_job_id(batch.id, batch.endpoint, i) for i in range(start, min(start + STATUS_CHUNK, dispatched))

@@ -72,3 +72,103 @@ async def test_create_lines_after_redis_lost_its_scripts(redis):
     group = [job(batch="batch_x"), job(batch="batch_x")]
     assert await store.create_lines(group) == [1, 1]
     assert all([await store.get(r.id) for r in group])
+
+
+# -- a group half handed out (review of issue 12) -------------------------------------
+
+CHAT = "/v1/chat/completions"
+
+
+class FakeQueue:
+    def __init__(self):
+        self.sent: list[str] = []
+
+    async def submit_many(self, job_ids, model, priority):
+        self.sent += job_ids
+
+
+class FakePipeline:
+    def __init__(self, store):
+        self.store = store
+        self.queue = FakeQueue()
+        self.cancelled: list[str] = []
+
+    async def cancel(self, job_id, quiet=False, source=None):
+        self.cancelled.append(job_id)
+        return "queued"
+
+
+def runner_on(redis):
+    from types import SimpleNamespace
+
+    from api.batches.runner import _RAISE_HANDING, BatchRunner
+
+    runner = object.__new__(BatchRunner)
+    runner.redis = redis
+    runner.pipeline = FakePipeline(JobStore(redis, 3600))
+    runner.settings = SimpleNamespace(job_ttl_seconds=3600)
+    runner._raise_handing = redis.register_script(_RAISE_HANDING)
+    return runner
+
+
+def lines_of(batch_id: str, n: int, failed: set[int] = frozenset()):
+    from api.batches.input import line_job_id
+
+    records = []
+    for i in range(n):
+        record = job(batch=batch_id, status=JobStatus.failed if i in failed else JobStatus.queued)
+        record.id = line_job_id(batch_id, CHAT, i)
+        records.append(record)
+    return records
+
+
+async def test_a_stop_covers_a_group_whose_records_were_written_but_not_marked_handed_out(redis):
+    """The process died (or a send failed) after a group's records were written and before
+    `n_dispatched` moved past it: a cancel must cancel those lines too and count them,
+    or they run after the batch has ended."""
+    from types import SimpleNamespace
+
+    runner = runner_on(redis)
+    batch = SimpleNamespace(id="batch_half", endpoint=CHAT)
+    records = lines_of(batch.id, 4, failed={2})
+    await runner.pipeline.store.create_lines(records)
+    # Line 0 handed out whole; lines 1-3 written as a group, the mark raised before them.
+    await redis.hset(keys.batch(batch.id), mapping={"n_dispatched": 1, "n_handing": 4})
+    counters = {"total": 6, "completed": 0, "failed": 0, "cancelled": 0, "dispatched": 1, "handing": 4}
+    await runner._stop_lines(batch, counters)
+    assert counters["dispatched"] == 4 and int(await redis.hget(keys.batch(batch.id), "n_dispatched")) == 4
+    assert runner.pipeline.cancelled == [records[0].id, records[1].id, records[3].id]
+    # The invalid line's end counts (its record was written failed; its SADD was not).
+    assert await redis.smembers(keys.batch_ended(batch.id, "failed")) == {records[2].id.encode()}
+
+
+async def test_a_stop_past_a_group_that_was_never_written_waits_for_nothing(redis):
+    from types import SimpleNamespace
+
+    runner = runner_on(redis)
+    batch = SimpleNamespace(id="batch_unwritten", endpoint=CHAT)
+    await runner.pipeline.store.create_lines(lines_of(batch.id, 1))
+    await redis.hset(keys.batch(batch.id), mapping={"n_dispatched": 1, "n_handing": 5})
+    counters = {"total": 5, "completed": 0, "failed": 0, "cancelled": 0, "dispatched": 1, "handing": 5}
+    await runner._stop_lines(batch, counters)
+    assert counters["dispatched"] == 1
+
+
+async def test_a_line_handed_out_again_whose_preparation_failed_counts_as_its_record_says(redis):
+    """After a restart a line already running is prepared again and fails for a passing
+    reason (no live worker at that moment): it is not counted failed while it runs."""
+    from api.batches.runner import _Line
+    from common.errors import ServiceUnavailableError
+
+    runner = runner_on(redis)
+    batch_id = "batch_again"
+    (running,) = lines_of(batch_id, 1)
+    await runner.pipeline.store.create_lines([running])
+    await redis.hset(keys.job(running.id), "status", "in_progress")
+    (again,) = lines_of(batch_id, 1, failed={0})
+    await runner._hand_out(
+        type("B", (), {"id": batch_id})(), [_Line(0, again, ServiceUnavailableError("no live worker"))]
+    )
+    assert await redis.scard(keys.batch_ended(batch_id, "failed")) == 0
+    assert runner.pipeline.queue.sent == []
+    assert int(await redis.hget(keys.batch(batch_id), "n_dispatched")) == 1
