@@ -44,7 +44,7 @@ test-core: setup redis
 chaos: setup model redis
 	$(PY) -m pytest tests/integration/test_chaos.py -s
 
-# Every figure of the README's Performance section, in one run (about 30 min here): the
+# Every figure of the README's Performance section, in one run (about 15 min here): the
 # engine alone / `vllm serve` / llmq, the orchestration ceilings next to Celery's no-op
 # rate, batches (fake engine; a 200 MB input file's API memory), 1,000 idle streams, API
 # processes, and 1 to 4 worker hosts (network namespaces: needs root). BENCH_ARGS go to
