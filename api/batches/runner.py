@@ -165,6 +165,8 @@ class BatchRunner:
         self._reserve = redis.register_script(_RESERVE)
         self._raise_handing = redis.register_script(_RAISE_HANDING)
         self._capacities: dict[str, tuple[float, int]] = {}
+        # Slot holders seen without a record at the last `prune_slots` pass.
+        self._missing: set[str] = set()
 
     # -- scheduling ---------------------------------------------------------------------
 
@@ -216,7 +218,11 @@ class BatchRunner:
                 await asyncio.sleep(0.5)
 
     async def prune_slots(self) -> None:
-        """Free slots held by lines whose job has ended or is gone (e.g. expired)."""
+        """Free slots held by lines whose job has ended or is gone (e.g. expired). A line
+        without a record is freed only when it had none at this process's previous pass
+        too: a runner reserves a group's slots a moment before it writes their records,
+        and freeing one in between let the batch run past its share."""
+        missing: set[str] = set()
         async for raw in self.redis.scan_iter(match=keys.batch_slots("*")):
             slots = keys.text(raw)
             members = [keys.text(m) for m in await self.redis.smembers(slots)]
@@ -226,9 +232,17 @@ class BatchRunner:
                 for job_id in members:
                     pipe.hget(keys.job(job_id), "status")
                 statuses = await pipe.execute()
-            stale = [j for j, s in zip(members, statuses, strict=True) if s not in (b"queued", b"in_progress")]
+            stale = []
+            for job_id, status in zip(members, statuses, strict=True):
+                if status is None:
+                    missing.add(job_id)
+                    if job_id not in self._missing:
+                        continue
+                if status not in (b"queued", b"in_progress"):
+                    stale.append(job_id)
             if stale:
                 await self.redis.srem(slots, *stale)
+        self._missing = missing
 
     async def stop(self) -> None:
         for task in self._runners.values():

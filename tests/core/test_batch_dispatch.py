@@ -172,3 +172,18 @@ async def test_a_line_handed_out_again_whose_preparation_failed_counts_as_its_re
     assert await redis.scard(keys.batch_ended(batch_id, "failed")) == 0
     assert runner.pipeline.queue.sent == []
     assert int(await redis.hget(keys.batch(batch_id), "n_dispatched")) == 1
+
+
+async def test_a_slot_whose_record_is_not_written_yet_is_not_freed_at_once(redis):
+    """A runner reserves a group's slots a moment before it writes their records: a prune
+    in between must not free them (the batch would run past its share). A slot whose line
+    ended is freed at once; one whose record stays missing, at the next pass."""
+    runner = runner_on(redis)
+    runner._missing = set()
+    (ended,) = lines_of("batch_prune", 1, failed={0})
+    await runner.pipeline.store.create_lines([ended])
+    await redis.sadd(SLOTS, "chatcmpl-not-written-yet", ended.id)
+    await runner.prune_slots()
+    assert await held(redis) == {"chatcmpl-not-written-yet"}
+    await runner.prune_slots()
+    assert await held(redis) == set()
