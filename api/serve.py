@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import sys
-import tempfile
-from pathlib import Path
 
 # The API never uses torch (its image has none) but transformers imports it whenever it
 # is installed (next to vllm in a development environment): 370 MB more in every API
@@ -35,14 +32,13 @@ sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
 
 import uvicorn  # noqa: E402
 
+from api import metrics_dir  # noqa: E402
 from common.settings import get_settings  # noqa: E402
 
 APP = "api.main:app"
 # httptools with a bound on each request head as it arrives (api.limits).
 HTTP_PROTOCOL = "api.limits:HeadLimitedHttpToolsProtocol"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# The metrics directory: in the temporary folder, named after the launcher's pid.
-METRICS_DIR_PREFIX = "llmq-api-metrics-"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     if processes < 1:
         parser.error("--processes must be at least 1")
     # A fresh, empty directory each start: files a previous run left would be summed in.
-    remove_stale_metrics_dirs()
-    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
-    os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by every child the supervisor spawns
+    metrics_dir.remove_stale()
+    directory, lock = metrics_dir.make()
+    os.environ[MULTIPROC_ENV] = directory  # inherited by every child the supervisor spawns
     # uvicorn re-raises the SIGTERM that stopped it once it has shut down: without a
     # handler of ours that kills the process before the directory is removed.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -72,25 +68,11 @@ def main(argv: list[str] | None = None) -> None:
             log_level=args.log_level,
         )
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.close(directory, lock)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def remove_stale_metrics_dirs() -> None:
-    """Remove the metrics directories of launchers that are gone (killed outright)."""
-    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
-        try:
-            pid = int(path.name[len(METRICS_DIR_PREFIX) :].split("-", 1)[0])
-            os.kill(pid, 0)
-        except ValueError:
-            continue  # not one of ours
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            continue  # alive, another user's
 
 
 if __name__ == "__main__":
