@@ -60,8 +60,13 @@ def priority_of(batch: str | None) -> int:
     return keys.BATCH_PRIORITY if batch else keys.CHAT_PRIORITY
 
 
-# The longest a sweep may hold the reaper's lock (a process that died mid-sweep frees it then).
+# A sweep holds the reaper's lock this long at a time, renewed as it goes (a process that
+# dies mid-sweep frees it this long after).
 SWEEP_LOCK_SECONDS = 10.0
+
+
+class _LockLost(Exception):
+    """Another process holds the reaper's lock now: this sweep stops."""
 
 
 class Reaper:
@@ -79,14 +84,20 @@ class Reaper:
         self._lock = Lock(store.redis, keys.REAPER_LOCK, timeout=max(self.interval, SWEEP_LOCK_SECONDS), blocking=False)
         # A model never seen serving (e.g. Redis lost the record) counts from our start.
         self._since = time.time()
+        # While `run` sweeps under the lock: when it last renewed it (None: not under it).
+        self._renewed: float | None = None
 
     async def run(self) -> None:
         while True:
             try:
                 if await self._lock.acquire(token=None):
+                    self._renewed = time.monotonic()
                     try:
                         await self.sweep()
+                    except _LockLost:
+                        log.warning("reaper: another process took the sweep over")
                     finally:
+                        self._renewed = None
                         with contextlib.suppress(LockError):
                             await self._lock.extend(self.interval, replace_ttl=True)
             except RedisError as exc:
@@ -95,6 +106,18 @@ class Reaper:
                 log.exception("reaper sweep failed")
             await asyncio.sleep(self.interval)
 
+    async def _hold(self) -> None:
+        """Before each job of a sweep that `run` started under the lock: renew the lock once
+        a quarter of its time has passed, so a long sweep (many jobs, a loaded process) is
+        not overlapped by another process's; stop the sweep if another has it now."""
+        if self._renewed is None or time.monotonic() - self._renewed < SWEEP_LOCK_SECONDS / 4:
+            return
+        try:
+            await self._lock.extend(SWEEP_LOCK_SECONDS, replace_ttl=True)
+        except LockError as exc:
+            raise _LockLost from exc
+        self._renewed = time.monotonic()
+
     async def sweep(self) -> list[tuple[str, str]]:
         """One pass over both indexes; (job id, action) for every job acted on."""
         return await self.reap_lapsed() + await self.sweep_queued()
@@ -102,6 +125,7 @@ class Reaper:
     async def reap_lapsed(self) -> list[tuple[str, str]]:
         done: list[tuple[str, str]] = []
         for job_id in await self.store.due(keys.LEASES):
+            await self._hold()
             record = await self.store.get(job_id)
             if record is None:
                 await self.store.redis.zrem(keys.LEASES, job_id)
@@ -145,6 +169,7 @@ class Reaper:
         seen = {keys.text(k): float(v) for k, v in (await self.store.redis.hgetall(keys.MODELS_SEEN)).items()}
         done: list[tuple[str, str]] = []
         for job_id in due:
+            await self._hold()
             record = await self.store.get(job_id)
             if record is None:
                 await self.store.redis.zrem(keys.QUEUED, job_id)
