@@ -517,6 +517,8 @@ class JobAdapter:
             out.append({"data": DONE})
             sending, out = out, []
             yield sending
+            if timing.ENABLED:
+                timing.stamp(job.id, "sse")  # (unless noted already: the whole answer came with its end)
             if timer is not None:
                 if content:  # the last content chunks went out with [DONE]
                     timer.content_sent(content)

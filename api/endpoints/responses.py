@@ -12,7 +12,7 @@ with the same sequence numbers, whoever reads them and whenever.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
@@ -291,6 +291,27 @@ class ResponsesAdapter(ChatAdapter):
         }
 
     # -- streaming --------------------------------------------------------------------
+
+    async def stream_batches(  # type: ignore[override]
+        self,
+        job: JobView,
+        subscription: Subscription | None = None,
+        after: int = -1,
+        cancel_on_disconnect: bool = False,
+        shutdown: anyio.Event | None = None,
+        timer: RequestTimer | None = None,
+        with_ids: bool = False,
+    ) -> AsyncGenerator[list[dict[str, str]], None]:
+        """The response's own events (`stream`: `event:` / `data:` pairs), one a batch, for
+        the create route, which writes a chat job's batches (the chat chunks of the job
+        underneath must never reach a Responses client)."""
+        events = self.stream(job, subscription, after, cancel_on_disconnect, shutdown, timer, with_ids)
+        try:
+            async for item in events:
+                yield [item]
+        finally:
+            with anyio.CancelScope(shield=True):
+                await events.aclose()  # type: ignore[attr-defined]
 
     async def stream(  # type: ignore[override]
         self,

@@ -37,7 +37,10 @@ def written_together(batches: AsyncGenerator[list[dict[str, str]], None]) -> Asy
     async def gen() -> AsyncIterator[bytes]:
         try:
             async for batch in batches:
-                yield b"".join(ServerSentEvent(item["data"], id=item.get("id"), sep=SSE_SEP).encode() for item in batch)
+                yield b"".join(
+                    ServerSentEvent(item["data"], id=item.get("id"), event=item.get("event"), sep=SSE_SEP).encode()
+                    for item in batch
+                )
         finally:
             with anyio.CancelScope(shield=True):
                 await batches.aclose()
