@@ -17,6 +17,7 @@ import openai
 import pytest
 import redis as redis_lib
 
+from common import keys
 from common.settings import get_settings
 from tests.integration.sse import read_sse
 
@@ -195,7 +196,19 @@ async def test_batch_survives_api_and_worker_restarts(rstack):
     rstack.wait_ready(MODEL, timeout=120)
     done_before = completed()
     await wait_for(lambda: completed() > done_before, 120, step=0.5)
-    # Now the workers: killed mid-batch, another one started.
+    # Now the workers: killed mid-batch, another one started. Mid-line, surely: the lines
+    # run in waves that end together, so just after a wave ended the next one's lines may
+    # not have been started yet (then nothing is cut off, and nothing runs again).
+    line_ids = [f"chatcmpl-{batch.id.removeprefix('batch_')}-{i}" for i in range(80)]
+    r = redis_lib.Redis.from_url(rstack.redis_url)
+
+    def a_line_is_mid_answer() -> bool:
+        return any(
+            job_field(rstack, job_id, "status") == "in_progress" and r.llen(keys.job_log(job_id)) > 1
+            for job_id in line_ids
+        )
+
+    await wait_for(a_line_is_mid_answer, 120, step=0.2)
     assert completed() < 80, "the batch ended before its workers could be killed"
     for w in live_workers(rstack):
         rstack.kill(w.split("@")[0])
@@ -208,7 +221,7 @@ async def test_batch_survives_api_and_worker_restarts(rstack):
     assert all(o["response"]["body"]["usage"]["completion_tokens"] == 480 for o in out)
     assert final.error_file_id is None
     # Lines cut off by the killed workers ran again.
-    attempts = [job_field(rstack, f"chatcmpl-{batch.id.removeprefix('batch_')}-{i}", "attempt") for i in range(80)]
+    attempts = [job_field(rstack, job_id, "attempt") for job_id in line_ids]
     assert "2" in attempts
 
 
