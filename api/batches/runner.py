@@ -199,24 +199,6 @@ class BatchRunner:
                 log.warning("batch supervisor: %s", exc)
             await asyncio.sleep(interval)
 
-    async def listen(self) -> None:
-        """Wake the runners when a batch's line ends (announced by the job core)."""
-        while True:
-            try:
-                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(keys.BATCH_PROGRESS)
-                    while True:
-                        message = await pubsub.get_message(timeout=5.0)
-                        if message is not None:
-                            # A freed slot may be any batch's to take.
-                            self.wake()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("batch progress listener: %s; reconnecting", exc)
-                self.wake()
-                await asyncio.sleep(0.5)
-
     async def prune_slots(self) -> None:
         """Free slots held by lines whose job has ended or is gone (e.g. expired). A line
         without a record is freed only when it had none at this process's previous pass
