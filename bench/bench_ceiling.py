@@ -60,7 +60,7 @@ _settings = get_settings()
 _redis_url = _settings.redis_url
 app = Celery("llmq-bench-noop", broker=_redis_url)
 app.conf.update(
-    broker_transport="worker.broker:Transport",
+    broker_transport="common.broker:Transport",
     worker_pool="threads",
     worker_concurrency=_settings.worker_slots,
     worker_prefetch_multiplier=1,

@@ -25,6 +25,7 @@ class JobQueue:
     def __init__(self, redis_url: str, visibility_timeout: int, send_timeout: float = SEND_TIMEOUT_SECONDS):
         self.app = Celery("llmq-api", broker=redis_url)
         self.app.conf.update(
+            broker_transport="common.broker:Transport",  # one Redis client, not one a send
             task_send_sent_event=True,  # Flower shows jobs from the moment they are queued
             task_ignore_result=True,
             # JSON only (as the workers accept): the message is the job id, nothing else.

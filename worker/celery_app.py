@@ -29,7 +29,7 @@ settings = get_settings()
 # The tasks module imports this one; Celery imports it once the app exists (no cycle).
 app = Celery("llmq-worker", broker=settings.redis_url, include=["worker.tasks"])
 app.conf.update(
-    broker_transport="worker.broker:Transport",
+    broker_transport="common.broker:Transport",
     worker_pool="threads",
     worker_concurrency=settings.worker_slots,
     worker_prefetch_multiplier=1,
