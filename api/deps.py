@@ -1,4 +1,8 @@
-"""FastAPI dependencies, as `Annotated` aliases."""
+"""FastAPI dependencies, as `Annotated` aliases.
+
+Every one is `async def`: FastAPI runs a plain `def` dependency in its thread pool, a
+thread hand-off per dependency per request (two on every create) that cost about 7% of the
+API's CPU under load (issue 12; tests/unit/test_openapi.py checks none is sync)."""
 
 from __future__ import annotations
 
@@ -15,28 +19,32 @@ from api.endpoints.responses import ResponsesAdapter
 from common.settings import Settings
 
 
-def _chat(request: Request) -> ChatAdapter:
+async def _chat(request: Request) -> ChatAdapter:
     return request.app.state.chat  # type: ignore[no-any-return]
 
 
-def _completions(request: Request) -> CompletionAdapter:
+async def _completions(request: Request) -> CompletionAdapter:
     return request.app.state.completions  # type: ignore[no-any-return]
 
 
-def _responses(request: Request) -> ResponsesAdapter:
+async def _responses(request: Request) -> ResponsesAdapter:
     return request.app.state.responses  # type: ignore[no-any-return]
 
 
-def _catalog(request: Request) -> ModelCatalog:
+async def _catalog(request: Request) -> ModelCatalog:
     return request.app.state.catalog  # type: ignore[no-any-return]
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def _batches(request: Request) -> BatchService:
+async def _batches(request: Request) -> BatchService:
     return request.app.state.batches  # type: ignore[no-any-return]
+
+
+async def _principal(request: Request) -> Principal:
+    return principal_of(request)
 
 
 ChatDep = Annotated[ChatAdapter, Depends(_chat)]
@@ -46,4 +54,4 @@ CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 BatchesDep = Annotated[BatchService, Depends(_batches)]
 # The caller, as the auth middleware identified it.
-PrincipalDep = Annotated[Principal, Depends(principal_of)]
+PrincipalDep = Annotated[Principal, Depends(_principal)]
