@@ -17,6 +17,7 @@ from api.endpoints.chat import (
     check_token_ids,
     resolve_max_tokens,
     sampling_from_request,
+    tokenize_off_loop_if_long,
 )
 from api.relay import Subscription
 from common.errors import InvalidRequestError
@@ -71,7 +72,8 @@ class CompletionAdapter(JobAdapter):
         def tokenize() -> list[list[int]]:
             return [tokenizer.encode(p, req.add_special_tokens) if isinstance(p, str) else p for p in prompts]
 
-        ids = await asyncio.to_thread(tokenize)
+        chars = sum(len(p) for p in prompts if isinstance(p, str))
+        ids = await tokenize_off_loop_if_long(chars, tokenize)
         if any(not p for p in ids):
             raise InvalidRequestError("prompt: a prompt has no tokens", param="prompt")
         # Every prompt must fit the context with max_tokens (null: the room the longest leaves).

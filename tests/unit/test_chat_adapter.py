@@ -222,3 +222,17 @@ async def test_slow_consumer_is_cut_off_with_bounded_buffer():
     with pytest.raises(StreamClosed) as exc:
         await asyncio.wait_for(sub.get(), 1)
     assert exc.value.code == "slow_consumer"
+
+
+async def test_a_short_prompt_is_tokenized_on_the_loop_and_a_long_one_in_a_thread():
+    """A thread hand-off per prompt cost more than tokenizing a short one (issue 12); a long
+    one still goes to a thread so that it does not hold up the event loop."""
+    import threading
+
+    from api.endpoints.chat import INLINE_TOKENIZE_CHARS, tokenize_off_loop_if_long
+
+    here = threading.current_thread()
+    short = await tokenize_off_loop_if_long(INLINE_TOKENIZE_CHARS, threading.current_thread)
+    long = await tokenize_off_loop_if_long(INLINE_TOKENIZE_CHARS + 1, threading.current_thread)
+    assert short is here
+    assert long is not here
