@@ -121,6 +121,11 @@ def batch_ended(batch_id: str, status: str) -> str:
     return f"{batch(batch_id)}:{status}"
 
 
+# Set: the names of the `batch_slots` sets (a batch's slot reservation lists its set here),
+# which the API's slot pruning walks.
+BATCH_SLOT_SETS = PREFIX + "batch-slot-sets"
+
+
 def batch_slots(model: str) -> str:
     """Set: the batch lines of `model` handed out and not ended (the slots batches hold)."""
     return f"{PREFIX}batch-slots:{model}"

@@ -74,10 +74,11 @@ COALESCE_SECONDS = 0.005
 # How long a model's batch capacity (from its live workers) is used before it is read again.
 CAPACITY_SECONDS = 1.0
 
-# KEYS: the model's batch slots. ARGV: capacity, job id... How many of the jobs, in
-# order, hold a slot (now, or already: a retried call or a line handed out again); it
+# KEYS: the model's batch slots, BATCH_SLOT_SETS (lists the first). ARGV: capacity, job
+# id... How many of the jobs, in order, hold a slot (now, or already: a retried call or a line handed out again); it
 # stops at the first for which none is free.
 _RESERVE = """
+redis.call('SADD', KEYS[2], KEYS[1])
 local cap = tonumber(ARGV[1])
 local held = 0
 for i = 2, #ARGV do
@@ -167,6 +168,9 @@ class BatchRunner:
         self._capacities: dict[str, tuple[float, int]] = {}
         # Slot holders seen without a record at the last `prune_slots` pass.
         self._missing: set[str] = set()
+        # The slot sets are listed in keys.BATCH_SLOT_SETS (by the reserving script); the
+        # first pass also looks for sets an older version left unlisted.
+        self._slot_sets_seeded = False
 
     # -- scheduling ---------------------------------------------------------------------
 
@@ -205,7 +209,15 @@ class BatchRunner:
         too: a runner reserves a group's slots a moment before it writes their records,
         and freeing one in between let the batch run past its share."""
         missing: set[str] = set()
-        async for raw in self.redis.scan_iter(match=keys.batch_slots("*")):
+        if not self._slot_sets_seeded:
+            # Slot sets written before they were listed (an older version): listed once.
+            # (Every pass was a SCAN of the whole keyspace, ten keys a round trip, every 5 s
+            # in every API process: 2% of an API's CPU under load with a day of job keys.)
+            found = [keys.text(raw) async for raw in self.redis.scan_iter(match=keys.batch_slots("*"), count=1000)]
+            if found:
+                await self.redis.sadd(keys.BATCH_SLOT_SETS, *found)
+            self._slot_sets_seeded = True
+        for raw in await self.redis.smembers(keys.BATCH_SLOT_SETS):
             slots = keys.text(raw)
             members = [keys.text(m) for m in await self.redis.smembers(slots)]
             if not members:
@@ -366,7 +378,11 @@ class BatchRunner:
         for model, ids in wanted.items():
             if model not in capacity:
                 capacity[model] = await self._capacity(model)
-            granted[model] = int(await self._reserve(keys=[keys.batch_slots(model)], args=[capacity[model], *ids]))
+            granted[model] = int(
+                await self._reserve(
+                    keys=[keys.batch_slots(model), keys.BATCH_SLOT_SETS], args=[capacity[model], *ids]
+                )
+            )
         # The group's longest head whose valid lines all hold a slot goes out.
         taken: dict[str, int] = defaultdict(int)
         count = 0

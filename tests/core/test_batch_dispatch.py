@@ -18,7 +18,7 @@ SLOTS = keys.batch_slots("m")
 
 
 async def reserve(redis, capacity: int, *ids: str) -> int:
-    return int(await redis.register_script(_RESERVE)(keys=[SLOTS], args=[capacity, *ids]))
+    return int(await redis.register_script(_RESERVE)(keys=[SLOTS, keys.BATCH_SLOT_SETS], args=[capacity, *ids]))
 
 
 async def held(redis) -> set[str]:
@@ -108,6 +108,7 @@ def runner_on(redis):
     runner.pipeline = FakePipeline(JobStore(redis, 3600))
     runner.settings = SimpleNamespace(job_ttl_seconds=3600)
     runner._raise_handing = redis.register_script(_RAISE_HANDING)
+    runner._slot_sets_seeded = False
     return runner
 
 
@@ -187,3 +188,34 @@ async def test_a_slot_whose_record_is_not_written_yet_is_not_freed_at_once(redis
     assert await held(redis) == {"chatcmpl-not-written-yet"}
     await runner.prune_slots()
     assert await held(redis) == set()
+
+
+async def test_pruning_walks_the_listed_slot_sets_not_the_keyspace(redis):
+    """Slot pruning ran a SCAN of the whole keyspace every 5 s in every API process (issue
+    12). A reservation lists its slot set; pruning walks that list, and SCANs only once, for
+    sets an older version left unlisted."""
+    runner = runner_on(redis)
+    runner._missing = set()
+    # A set left unlisted (an older version), with a line that ended: found by the one SCAN.
+    (old,) = lines_of("batch_old", 1, failed={0})
+    await runner.pipeline.store.create_lines([old])
+    await redis.sadd(keys.batch_slots("old-model"), old.id)
+    scans = 0
+    scan_iter = redis.scan_iter
+
+    def counting_scan(*args, **kwargs):
+        nonlocal scans
+        scans += 1
+        return scan_iter(*args, **kwargs)
+
+    redis.scan_iter = counting_scan
+    await runner.prune_slots()
+    assert await redis.scard(keys.batch_slots("old-model")) == 0
+    # A reservation lists its set; a later pass frees its ended line without a SCAN.
+    (ended,) = lines_of("batch_new", 1, failed={0})
+    await runner.pipeline.store.create_lines([ended])
+    assert await reserve(redis, 4, ended.id) == 1
+    await runner.prune_slots()
+    await runner.prune_slots()
+    assert await held(redis) == set()
+    assert scans == 1
