@@ -290,6 +290,9 @@ class ChunkEvent(BaseModel):
     choices: list[ChoiceDelta] = Field(default_factory=list)
     usage: Usage | None = None
     error: dict[str, Any] | None = None
+    # On a worker's last event: the job record's `started` (its claim), so that a reader
+    # observes the queue wait without reading the record (a round trip a job, issue 12).
+    started: float | None = None
 
     def encode(self) -> str:
         return self.model_dump_json(exclude_none=True)

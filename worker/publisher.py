@@ -39,6 +39,7 @@ class _Pending:
     fields: dict[str, Any] | None = None
     batch: str | None = None
     owner: str = ""
+    started: float | None = None  # the last event: the record's `started`
     flushed: asyncio.Future[bool] | None = None
     # `choices` are the publisher's own copies (later deltas are merged into them in place).
     owned: bool = False
@@ -109,6 +110,7 @@ class ChunkPublisher:
         fields: dict[str, Any],
         batch: str | None = None,
         owner: str = "",
+        started: float | None = None,
     ) -> bool:
         """Queue a job's last event, written together with its terminal record `fields`,
         and wait until it (and all before it) reached Redis. False if the job belonged to
@@ -116,7 +118,16 @@ class ChunkPublisher:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(
             _Pending(
-                job_id, attempt, kind, usage=usage, error=error, fields=fields, batch=batch, owner=owner, flushed=done
+                job_id,
+                attempt,
+                kind,
+                usage=usage,
+                error=error,
+                fields=fields,
+                batch=batch,
+                owner=owner,
+                started=started,
+                flushed=done,
             )
         )
         return await done
@@ -163,6 +174,7 @@ class ChunkPublisher:
                     choices=item.choices,
                     usage=item.usage,
                     error=item.error,
+                    started=item.started,
                 )
                 firsts.setdefault((item.job_id, item.attempt), seq)
                 groups.setdefault((item.job_id, item.attempt), []).append((item, event.encode()))

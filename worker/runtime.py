@@ -476,7 +476,14 @@ class WorkerRuntime:
         )
         fields = {"status": JobStatus.failed.value, "finished": time.time(), "error": error.to_dict()["error"]}
         owned = await self.publisher.finish(
-            record.id, attempt, "error", error=error.to_dict(), fields=fields, batch=record.batch, owner=record.owner
+            record.id,
+            attempt,
+            "error",
+            error=error.to_dict(),
+            fields=fields,
+            batch=record.batch,
+            owner=record.owner,
+            started=record.started,
         )
         # Logs (issue 9): the end, with the traceback of an engine failure (not of a request
         # the engine refused). The message is the engine's, as the client gets it.
@@ -531,7 +538,14 @@ class WorkerRuntime:
             "result": result.model_dump(),
         }
         owned = await self.publisher.finish(
-            job_id, attempt, "done", usage=usage, fields=fields, batch=record.batch, owner=record.owner
+            job_id,
+            attempt,
+            "done",
+            usage=usage,
+            fields=fields,
+            batch=record.batch,
+            owner=record.owner,
+            started=record.started,
         )
         # Logs (issue 9): the end, with the usage the client gets (completion text only
         # with LOG_PROMPTS=true).

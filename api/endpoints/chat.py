@@ -76,6 +76,8 @@ class JobView:
     attempt: int = 0
     # A response (`kind` "response"): its ResponseMeta, as stored in the record.
     response: dict[str, Any] | None = None
+    # The record's `created`, to the microsecond (metrics: the queue wait).
+    created_at: float = 0.0
 
 
 def view_of(record: JobRecord, kind: str) -> JobView:
@@ -91,6 +93,7 @@ def view_of(record: JobRecord, kind: str) -> JobView:
         continuable=request.continuable if request else True,
         attempt=record.attempt,
         response=record.response,
+        created_at=record.created,
     )
 
 
@@ -464,6 +467,8 @@ class JobAdapter:
         out: list[dict[str, str]] = []
         # Content chunks in `out`, counted for the metrics once they are sent.
         content = 0
+        # The record's `started`, as the worker's last event carries it (metrics).
+        started: float | None = None
         try:
             if after < 0 and job.kind == "chat":
                 role = {"role": "assistant", "content": ""}
@@ -494,6 +499,7 @@ class JobAdapter:
                                 content += any(c.text or c.tool_calls or c.reasoning for c in ev.choices)
                         elif ev.kind == "done":
                             finished = True
+                            started = ev.started
                             # Ends that came with no delta (cancelled while queued, or by the reaper).
                             tail: list[dict[str, Any]] = [
                                 d
@@ -510,6 +516,7 @@ class JobAdapter:
                                 out.append(event(chunk_json(job, [], ev.usage, attempt=ev.attempt, seq=ev.seq), ev.seq))
                         else:
                             finished = True
+                            started = ev.started
                             # The job's own error carries its seq (a stream that broke has none).
                             error = ServiceError.from_dict(ev.error or {}).to_dict() | {"seq": ev.seq}
                             out.append(event(json.dumps(error), ev.seq))
@@ -546,8 +553,11 @@ class JobAdapter:
                 with anyio.CancelScope(shield=True):
                     await self.pipeline.cancel(job.id, quiet=True, source="disconnect")
             if timer is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.observe_queue_wait(job)
+                if started is not None:
+                    observe_queue_wait(job.model, job.created_at, started)
+                else:  # ended by the API or the reaper, or not ended: from the record
+                    with anyio.CancelScope(shield=True):
+                        await self.observe_queue_wait(job)
             if timing.ENABLED:
                 with anyio.CancelScope(shield=True):
                     await timing.flush(self.pipeline.redis, job.id)

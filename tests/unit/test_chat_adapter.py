@@ -236,3 +236,26 @@ async def test_a_short_prompt_is_tokenized_on_the_loop_and_a_long_one_in_a_threa
     long = await tokenize_off_loop_if_long(INLINE_TOKENIZE_CHARS + 1, threading.current_thread)
     assert short is here
     assert long is not here
+
+
+async def test_the_queue_wait_comes_with_the_workers_last_event_not_from_the_record():
+    """A worker's last event carries the record's `started`: the stream observes the queue
+    wait (started - created) from it instead of reading the record, a round trip a job
+    (issue 12). The scripted pipeline has no Redis: a read would fail."""
+    import time
+
+    from api.metrics import QUEUE_WAIT, RequestTimer
+
+    def observed() -> tuple[float, float]:
+        samples = {s.name: s.value for m in QUEUE_WAIT.collect() for s in m.samples if s.labels.get("model") == "m"}
+        return samples.get("llmq_queue_wait_seconds_count", 0.0), samples.get("llmq_queue_wait_seconds_sum", 0.0)
+
+    job = view()
+    job.created_at = 1000.0
+    events = [*EVENTS[:3], EVENTS[3].model_copy(update={"started": 1000.25})]
+    before = observed()
+    out = await drain(ScriptedService(events).stream_batches(job, timer=RequestTimer("m", time.perf_counter())))
+    assert out[-1][-1] == {"data": "[DONE]"}
+    after = observed()
+    assert after[0] - before[0] == 1
+    assert after[1] - before[1] == pytest.approx(0.25)
