@@ -34,6 +34,9 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# How long `look` trusts a count of a model's waiting jobs that was under half the limit.
+LOOK_CACHE_SECONDS = 0.1
+
 
 class JobNotFoundError(NotFoundError):
     default_code = "job_not_found"
@@ -119,6 +122,8 @@ class JobPipeline:
         self.queue = queue
         self.messages = MessageGroups(queue)
         self.reader = JobReader(redis, self.store, relay)
+        # `look`'s last count of each model's waiting jobs: (monotonic time, count, limit).
+        self._looked: dict[str, tuple[float, int, int]] = {}
 
     async def submit(
         self,
@@ -164,8 +169,15 @@ class JobPipeline:
         """A cheap look at the model's queue before a request is even validated, so that
         a burst past the limit is refused at the cost of one Redis command (`submit`'s
         script decides, atomically)."""
+        now = time.monotonic()
+        last = self._looked.get(model)
+        if last is not None and now - last[0] < LOOK_CACHE_SECONDS and last[1] < last[2] // 2:
+            # Counted a moment ago, far from the limit: no round trip (under load one a
+            # request cost about 4% of the API's CPU). `submit` still decides atomically.
+            return
         max_waiting = await self.admission.queue_limit(model)
         waiting = await self.redis.zcard(keys.waiting(model))
+        self._looked[model] = (now, waiting, max_waiting)
         if waiting >= max_waiting:
             raise await self.admission.refusal(model, -1, waiting, max_waiting, headers or {})
 
