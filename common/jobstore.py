@@ -406,12 +406,38 @@ class JobStore:
 
     async def claim(self, job_id: str, model: str, worker_id: str, token: str, lease_seconds: float) -> int | str:
         """Start an attempt under a lease: its number, or the status that prevents it."""
-        now = time.time()
-        result = await self._claim(
-            keys=[keys.job(job_id), keys.LEASES, keys.QUEUED, keys.waiting(model), keys.started(model, now)],
-            args=[job_id, worker_id, now, now + lease_seconds, token],
-        )
+        script_keys, args = self._claim_call(job_id, model, worker_id, token, lease_seconds)
+        result = await self._claim(keys=script_keys, args=args)
         return result if isinstance(result, int) else keys.text(result)
+
+    @staticmethod
+    def _claim_call(
+        job_id: str, model: str, worker_id: str, token: str, lease_seconds: float
+    ) -> tuple[list[str], list[Any]]:
+        now = time.time()
+        script_keys = [keys.job(job_id), keys.LEASES, keys.QUEUED, keys.waiting(model), keys.started(model, now)]
+        return script_keys, [job_id, worker_id, now, now + lease_seconds, token]
+
+    async def claim_record(
+        self, job_id: str, model: str, worker_id: str, token: str, lease_seconds: float
+    ) -> tuple[int | str, JobRecord | None]:
+        """`claim`, and the record as it is right after it, in one round trip (a worker
+        read the record in a second one for every job: about 4% of its CPU under load)."""
+        script_keys, args = self._claim_call(job_id, model, worker_id, token, lease_seconds)
+        for attempt in range(2):
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    await self._run_in(pipe, self._claim, script_keys, args)
+                    pipe.hgetall(keys.job(job_id))
+                    result, raw = await pipe.execute()
+                break
+            except NoScriptError:
+                # Redis lost its scripts (restarted): the claim did not run; load it, again.
+                if attempt:
+                    raise
+                await self.redis.script_load(self._claim.script)
+        claimed = result if isinstance(result, int) else keys.text(result)
+        return claimed, JobRecord.from_redis(raw) if raw else None
 
     async def renew(self, worker_id: str, held: dict[str, int], lease_seconds: float) -> set[str]:
         """Extend the leases of the jobs (id -> attempt) a worker runs; the ids it no

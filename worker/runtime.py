@@ -366,9 +366,19 @@ class WorkerRuntime:
             timing.stamp(job_id, "loop")
         if self.dead:
             return {"status": "refused", "started": False}
-        claimed = await self.store.claim(
-            job_id, self.settings.model_name, self.worker_id, new_claim_token(), self.settings.lease_seconds
-        )
+        token = new_claim_token()
+        record: JobRecord | None = None
+        try:
+            claimed, record = await self.store.claim_record(
+                job_id, self.settings.model_name, self.worker_id, token, self.settings.lease_seconds
+            )
+        except (RedisError, OSError):
+            # Whether the claim ran is unknown (a reply lost): claim again with the same
+            # token (the same attempt if it did); the record is then read as part of the
+            # attempt, where an error gives the job back.
+            claimed = await self.store.claim(
+                job_id, self.settings.model_name, self.worker_id, token, self.settings.lease_seconds
+            )
         if timing.ENABLED:
             timing.stamp(job_id, "claimed")
         if isinstance(claimed, str):
@@ -380,7 +390,7 @@ class WorkerRuntime:
         self._inflight[job_id] = attempt
         outcome: dict[str, Any] | None = None
         try:
-            outcome = await self._attempt(job_id, attempt)
+            outcome = await self._attempt(job_id, attempt, record)
             return outcome or {"status": "released", "attempt": attempt}
         finally:
             lost = job_id in self._lost
@@ -400,10 +410,12 @@ class WorkerRuntime:
             if timing.ENABLED:
                 await timing.flush(self.redis, job_id)
 
-    async def _attempt(self, job_id: str, attempt: int) -> dict[str, Any] | None:
-        """Run a claimed attempt; its outcome, or None if it lost the job on the way."""
+    async def _attempt(self, job_id: str, attempt: int, record: JobRecord | None) -> dict[str, Any] | None:
+        """Run a claimed attempt (`record`: as read with the claim); its outcome, or None
+        if it lost the job on the way."""
         assert self.store is not None and self.publisher is not None
-        record = await self.store.get(job_id)
+        if record is None:
+            record = await self.store.get(job_id)
         if record is None or record.request is None:
             return {"status": "missing"}
         plan = plan_attempt(record.request, await self.store.log(job_id) if attempt > 1 else [])

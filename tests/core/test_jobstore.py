@@ -318,3 +318,32 @@ async def test_claims_count_the_drain_rate_once_per_start(redis):
     counts = [int(c or 0) for c in await redis.mget(list(dict.fromkeys(buckets)))]
     assert sum(counts) == 2
     assert 0 < await redis.ttl(buckets[-1]) <= 120
+
+
+async def test_claim_record_claims_and_reads_the_record_in_one_round_trip(redis):
+    """The worker claims a job and reads its record together (issue 12): the record as it
+    is after the claim; a refused claim answers its status; after Redis lost its scripts
+    (restarted) the claim is loaded and run once."""
+    store = JobStore(redis, 3600)
+    record = job()
+    await store.create(record)
+    calls = 0
+    pipeline = redis.pipeline
+
+    def counting_pipeline(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return pipeline(*args, **kwargs)
+
+    redis.pipeline = counting_pipeline
+    await redis.script_flush()
+    claimed, stored = await store.claim_record(record.id, record.model, "w1", new_claim_token(), 10)
+    assert claimed == 1
+    assert stored is not None and stored.id == record.id and stored.status == "in_progress"
+    assert stored.started is not None and stored.attempt == 1
+    assert calls == 2  # NOSCRIPT: loaded, then one round trip
+    refused, again = await store.claim_record(record.id, record.model, "w2", new_claim_token(), 10)
+    assert refused == "in_progress" and again is not None and again.attempt == 1
+    assert calls == 3
+    missing, none = await store.claim_record("chatcmpl-missing", record.model, "w1", new_claim_token(), 10)
+    assert isinstance(missing, str) and none is None

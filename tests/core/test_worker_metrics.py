@@ -69,6 +69,14 @@ async def test_a_completed_job_is_counted_once_with_its_publishes(runtime, redis
 async def test_a_job_given_back_is_released_and_one_taken_over_is_lost(runtime, redis, monkeypatch):  # noqa: F811
     counts = Counts()
     record = await queued(redis)
+    # The claim's reply (with the record) is lost, and reading the record fails too.
+    real_claim_record = runtime.store.claim_record
+
+    async def reply_lost(*args, **kwargs):
+        await real_claim_record(*args, **kwargs)
+        raise RedisConnectionError("connection reset")
+
+    monkeypatch.setattr(runtime.store, "claim_record", reply_lost)
     real_get = runtime.store.get
     calls = {"n": 0}
 

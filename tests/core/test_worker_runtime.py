@@ -85,7 +85,17 @@ async def test_a_long_job_keeps_its_lease_and_completes_in_one_attempt(runtime, 
 
 
 async def test_a_redis_error_right_after_the_claim_gives_the_job_back(runtime, redis, monkeypatch):
+    """The claim ran but its reply (with the record, one round trip) was lost, and reading
+    the record then failed too: the claim is made again with the same token (the same
+    attempt) and the job given back."""
     record = await queued(redis)
+    real_claim_record = runtime.store.claim_record
+
+    async def reply_lost(*args, **kwargs):
+        await real_claim_record(*args, **kwargs)
+        raise RedisConnectionError("connection reset")
+
+    monkeypatch.setattr(runtime.store, "claim_record", reply_lost)
     real_get = runtime.store.get
     calls = {"n": 0}
 
