@@ -379,9 +379,7 @@ class BatchRunner:
             if model not in capacity:
                 capacity[model] = await self._capacity(model)
             granted[model] = int(
-                await self._reserve(
-                    keys=[keys.batch_slots(model), keys.BATCH_SLOT_SETS], args=[capacity[model], *ids]
-                )
+                await self._reserve(keys=[keys.batch_slots(model), keys.BATCH_SLOT_SETS], args=[capacity[model], *ids])
             )
         # The group's longest head whose valid lines all hold a slot goes out.
         taken: dict[str, int] = defaultdict(int)
