@@ -69,3 +69,72 @@ def test_messages_and_task_events_go_out_through_the_shared_client(redis_url):
         got = [channel.basic_get(queue.name, no_ack=True) for _ in range(sent)]
     assert sorted(m.headers["id"] for m in got if m is not None) == [f"job-{i}" for i in range(sent)]
     app.close()
+
+
+def test_a_brpop_that_brings_a_message_brings_what_the_prefetch_allows(redis_url):
+    """kombu took one message per BRPOP, a turn of the consumer's loop each: a burst of jobs
+    reached a worker one by one (issue 12). A BRPOP that brings one is followed by as many
+    more as the prefetch allows, the higher priority first, delivered in the same turn; the
+    rest stay queued."""
+    from kombu import Connection, Consumer
+
+    r = redis_lib.Redis.from_url(redis_url)
+    r.flushall()
+    app = _app(redis_url)
+    queue = keys.chat_queue_entity("burst-test")
+    for i in range(3):
+        app.send_task(keys.CHAT_TASK, args=[f"b{i}"], task_id=f"b{i}", queue=queue, priority=keys.BATCH_PRIORITY)
+    for i in range(3):
+        app.send_task(keys.CHAT_TASK, args=[f"c{i}"], task_id=f"c{i}", queue=queue, priority=keys.CHAT_PRIORITY)
+    received: list[str] = []
+    with Connection(redis_url, transport="common.broker:Transport") as conn:
+        channel = conn.channel()
+        consumer = Consumer(
+            channel,
+            queues=[queue],
+            callbacks=[lambda body, message: received.append(message.headers["id"])],
+            accept=["json"],
+        )
+        consumer.qos(prefetch_count=4)
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        # One BRPOP: four messages, the interactive ones first, in the order they were sent.
+        assert received[:3] == ["c0", "c1", "c2"]
+        assert received[3:] == ["b0"]
+        # Unacknowledged, as a BRPOP'd message is (redelivered if the consumer dies).
+        assert r.hlen("unacked") == 4
+        # Nothing more is taken while the prefetch is used up; acking makes room.
+        consumer.cancel()
+    app.close()
+    remaining = sum(r.llen(k) for k in r.keys(f"{queue.name}*"))
+    assert remaining == 2
+
+
+def test_a_turn_takes_at_most_sixteen_so_idle_workers_share_a_burst(redis_url):
+    """Two idle workers and a burst: the first to wake must not take all it has slots for
+    while the other waits (a turn takes at most 1 + POP_MORE_MAX messages)."""
+    from kombu import Connection, Consumer
+
+    from common.broker import POP_MORE_MAX
+
+    r = redis_lib.Redis.from_url(redis_url)
+    r.flushall()
+    app = _app(redis_url)
+    queue = keys.chat_queue_entity("share-test")
+    with app.producer_or_acquire() as producer, producer.batch(max_size=200):
+        for i in range(40):
+            app.send_task(keys.CHAT_TASK, args=[f"j{i}"], task_id=f"j{i}", queue=queue, producer=producer)
+    received: list[str] = []
+    with Connection(redis_url, transport="common.broker:Transport") as conn:
+        consumer = Consumer(
+            conn.channel(),
+            queues=[queue],
+            callbacks=[lambda body, m: received.append(m.headers["id"])],
+            accept=["json"],
+        )
+        consumer.qos(prefetch_count=64)
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        assert len(received) == 1 + POP_MORE_MAX
+        consumer.cancel()
+    app.close()
