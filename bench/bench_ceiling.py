@@ -8,6 +8,9 @@ transport) that runs a no-op task:
 1. Celery's no-op rate: `--noop-tasks` tasks sent with `send_task` (as the API sends a
    job) from a few threads; each task only INCRs a Redis counter (no result backend: the
    bench polls the counter). Rate = tasks / (first send .. counter reaches the total).
+   Measured twice: with kombu's own Redis transport (Celery as it comes) and with llmq's
+   (common/broker.py: one Redis client per channel, several messages a BRPOP), which the
+   API and the workers use; the streaming rate is compared with both.
 2. Streaming jobs end to end: closed-loop SSE clients (aiohttp), each posting a streaming
    `/v1/chat/completions` and reading it to `[DONE]`, at each `--streams` level with
    `--tokens` tokens a job (jobs/s), and a token-heavy run (`--heavy-tokens` a job at
@@ -58,9 +61,11 @@ TOKENS_TARGET = 50_000
 
 _settings = get_settings()
 _redis_url = _settings.redis_url
+# BENCH_NOOP_TRANSPORT: "kombu" for kombu's own Redis transport, else llmq's.
+NOOP_TRANSPORTS = {"kombu": "redis", "llmq": "common.broker:Transport"}
 app = Celery("llmq-bench-noop", broker=_redis_url)
 app.conf.update(
-    broker_transport="common.broker:Transport",
+    broker_transport=NOOP_TRANSPORTS[os.environ.get("BENCH_NOOP_TRANSPORT", "llmq")],
     worker_pool="threads",
     worker_concurrency=_settings.worker_slots,
     worker_prefetch_multiplier=1,
@@ -167,14 +172,15 @@ class Meter:
         return Usage(cpu, commands[:6])
 
 
-def run_noop(stack: Any, meter: Meter, tasks: int, threads: int = 4) -> RunResult:
+def run_noop(stack: Any, meter: Meter, tasks: int, transport: str, threads: int = 4) -> RunResult:
     import redis
 
     r = redis.Redis.from_url(stack.redis_url)
     r.delete(NOOP_COUNTER)
     producer = Celery("llmq-bench-producer", broker=stack.redis_url)
-    # As the API's JobQueue sends a job (common/job_queue.py).
+    # As the API's JobQueue sends a job (common/job_queue.py), on the worker's transport.
     producer.conf.update(
+        broker_transport=NOOP_TRANSPORTS[transport],
         task_send_sent_event=True,
         task_ignore_result=True,
         accept_content=["json"],
@@ -210,7 +216,7 @@ def run_noop(stack: Any, meter: Meter, tasks: int, threads: int = 4) -> RunResul
     usage = meter.stop()
     print(f"  (sent in {sent_at:.2f} s: {total / max(sent_at, 1e-9):.0f} sends/s)", flush=True)
     producer.close()
-    return RunResult("celery no-op", threads, 0, total, 0, seconds, 0, usage)
+    return RunResult(f"no-op ({transport})", threads, 0, total, 0, seconds, 0, usage)
 
 
 async def run_streams(
@@ -332,34 +338,35 @@ def main() -> int:
         stack.start_redis()
         worker = stack.start_worker()
         api = stack.start_api()
-        noop_worker = stack.spawn(
-            "noop-worker",
-            [
-                stack.python,
-                "-m",
-                "celery",
-                "-A",
-                "bench.bench_ceiling",
-                "worker",
-                "-n",
-                "noop@%h",
-                "--without-mingle",
-                "--without-gossip",
-                "-Q",
-                NOOP_QUEUE,
-            ],
-        )
         stack.wait_ready(model, timeout=600)
         redis_pid = next(p.popen.pid for p in stack.procs if p.name == "redis")
         print(f"logs: {logs}", flush=True)
 
-        if not args.skip_noop:
+        for transport in () if args.skip_noop else ("kombu", "llmq"):
+            noop_worker = stack.spawn(
+                f"noop-worker-{transport}",
+                [
+                    stack.python,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "bench.bench_ceiling",
+                    "worker",
+                    "-n",
+                    f"noop-{transport}@%h",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "-Q",
+                    NOOP_QUEUE,
+                ],
+                env=stack._env() | {"BENCH_NOOP_TRANSPORT": transport},
+            )
             meter = Meter({"noop-worker": noop_worker.popen.pid, "redis": redis_pid}, stack.redis_url)
-            noop_result = run_noop(stack, meter, args.noop_tasks)
+            noop_result = run_noop(stack, meter, args.noop_tasks, transport)
             results.append(noop_result)
             show(noop_result)
-        # The no-op worker is idle from here on; stopped so it costs nothing.
-        stack.stop_proc(noop_worker)
+            # Idle from here on: stopped so it costs nothing.
+            stack.stop_proc(noop_worker)
         meter = Meter({"api": api.popen.pid, "worker": worker.popen.pid, "redis": redis_pid}, stack.redis_url)
         runs = [(f"stream {args.tokens}", int(s), args.tokens) for s in args.streams.split(",") if s]
         if args.heavy_tokens:
@@ -373,15 +380,14 @@ def main() -> int:
     finally:
         stack.stop()
 
-    noop_rate = next((r.jobs_per_s for r in results if r.name == "celery no-op"), None)
+    noop_rates = {r.name: r.jobs_per_s for r in results if r.name.startswith("no-op")}
     print("\nAgainst the targets (issue 12):")
     for r in results:
-        if r.name == "celery no-op":
+        if r.name.startswith("no-op"):
             continue
         parts = [f"{r.name} x {r.streams}: {r.jobs_per_s:.1f} jobs/s"]
-        if noop_rate:
-            ratio = r.jobs_per_s / noop_rate
-            parts.append(f"{ratio:.2f}x the no-op rate {noop_rate:.0f}/s (target {JOB_TARGET_RATIO}x)")
+        for name, rate in noop_rates.items():
+            parts.append(f"{r.jobs_per_s / rate:.2f}x the {name} rate {rate:.0f}/s (target {JOB_TARGET_RATIO}x)")
         parts.append(f"{r.tokens_per_s:.0f} tok/s = {r.tokens_per_s / TOKENS_TARGET:.2f}x of {TOKENS_TARGET}")
         print("  " + "; ".join(parts))
     if args.json is not None:
