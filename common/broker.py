@@ -17,9 +17,10 @@ held the GIL, and missed the engine's next step together (issue 12: the Celery h
 once by popping as many more as the consumer's prefetch allows, at most POP_MORE_MAX
 (one script call, the consumer's queues in the order BRPOP reads them: priorities first),
 all delivered in the same turn. (The cap keeps a burst shared between idle workers: the
-first to wake would otherwise take all it has slots for, while another waits idle.) What is popped is delivered (and so recorded as unacknowledged) before
-anything else runs, as a BRPOP'd message is; a reply lost mid-way loses the messages as
-a lost BRPOP reply does, and the job sweeper sends them again.
+first to wake would otherwise take all it has slots for, while another waits idle.)
+What is popped is delivered (and so recorded as unacknowledged) before anything else
+runs, as a BRPOP'd message is; a reply lost mid-way loses the messages as a lost BRPOP
+reply does, and the job sweeper sends them again.
 
 With late acks, a job running when Redis goes away holds an unacknowledged message from
 the old connection. kombu 5.7 crashes the worker on it twice over ("'NoneType' object
