@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.gather(*background, return_exceptions=True)
             await runner.stop()
             await relay.stop()
-            queue.close()
+            await queue.aclose()
             catalog.close()
             await redis.aclose()
             forget_dead_processes(include_self=True)

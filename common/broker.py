@@ -35,8 +35,9 @@ runs, so a redelivered message of a job that already ran is acknowledged and dro
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from kombu.transport import redis
@@ -73,6 +74,62 @@ class QoS(redis.QoS):
             )
 
 
+# -- messages built here, sent by the caller --------------------------------------------
+
+_capture = threading.local()
+
+
+@contextmanager
+def captured_commands() -> Iterator[list[tuple[str, tuple[Any, ...]]]]:
+    """Within it, what a producer batch (`Producer.batch`) on this thread would send to
+    Redis (LPUSH of each message to its queue's list, PUBLISH of each event) is kept in
+    the list it yields instead, for the caller to send: the API sends its messages with
+    its asyncio Redis client, on its event loop, without a thread hand-off and kombu's
+    blocking client (issue 12). The messages are built by Celery and kombu as always,
+    byte for byte."""
+    commands: list[tuple[str, tuple[Any, ...]]] = []
+    _capture.commands = commands
+    try:
+        yield commands
+    finally:
+        _capture.commands = None
+
+
+class _Recorder:
+    """Stands for a Redis pipeline: each command called on it is kept."""
+
+    def __init__(self, commands: list[tuple[str, tuple[Any, ...]]]):
+        self._commands = commands
+        self._start = len(commands)
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any) -> None:
+            self._commands.append((name, args))
+
+        return record
+
+    def reset(self) -> None:
+        del self._commands[self._start :]
+
+    def execute(self) -> list[Any]:
+        return []
+
+
+class CapturedBatch(redis.PublishBatch):
+    """A publish batch that keeps its Redis commands (see `captured_commands`)."""
+
+    def __init__(self, channel: Any, max_size: int, commands: list[tuple[str, tuple[Any, ...]]]):
+        self.channel = channel
+        self.max_size = max_size
+        self._buffered = 0
+        self._collecting = None
+        self._failed = None
+        self._aborted = False
+        self._closed = False
+        self._stack = ExitStack()
+        self.pipeline = _Recorder(commands)
+
+
 # The most messages taken after one a BRPOP brought (so at most 16 a turn).
 POP_MORE_MAX = 15
 
@@ -101,6 +158,12 @@ class Channel(redis.Channel):
     do_restore = False
     _shared: tuple[Any, Any] | None = None  # (the pool, a client on it)
     _pop_more: Any = None  # the registered _POP_MORE script
+
+    def create_publish_batch(self, max_size: int) -> Any:
+        commands = getattr(_capture, "commands", None)
+        if commands is not None:
+            return CapturedBatch(self, max_size, commands)
+        return super().create_publish_batch(max_size)
 
     def _brpop_read(self, **options: Any) -> bool:
         delivered = bool(super()._brpop_read(**options))  # raises Empty if none came

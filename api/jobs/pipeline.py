@@ -49,10 +49,9 @@ class JobConflictError(ConflictError):
 class MessageGroups:
     """Sends the Celery messages of jobs queued at about the same time together: while
     one group is being sent, the jobs queued meanwhile gather into the next (per model
-    and priority), which goes out in one call (`JobQueue.submit_many`: one thread hop
-    and one pipelined round trip for the group, against one of each per job, which
-    under load cost about 1.3 ms of CPU a job with the threads contending, a group of
-    8 about 0.4 ms). A job queued alone goes out alone, at once. Should a group fail,
+    and priority), which goes out in one call (`JobQueue.submit_many`: one pipelined
+    round trip for the group, against one per job). A job queued alone goes out alone,
+    at once. Should a group fail,
     each of its jobs is sent again on its own (with the queue's retries); a message
     sent twice is harmless (a job is claimed once; the sweeper sends duplicates too)."""
 

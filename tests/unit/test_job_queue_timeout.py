@@ -54,4 +54,4 @@ async def test_a_send_to_a_redis_that_never_answers_fails_instead_of_hanging(sil
         with pytest.raises(ServiceUnavailableError):
             await asyncio.wait_for(queue.submit_many(["chatcmpl-y", "chatcmpl-z"], "m"), 30)
     finally:
-        queue.close()
+        await queue.aclose()
