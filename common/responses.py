@@ -25,6 +25,7 @@ from common.schemas import (
     INT32_MAX,
     INT64_MAX,
     INT64_MIN,
+    MAX_STOP,
     _nullable,
     _valid_unicode,
     drop_nulls_and_refuse,
@@ -239,10 +240,10 @@ def _responses_request_schema(schema: dict[str, Any]) -> None:
     props["stop"] = {
         "anyOf": [
             {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 16},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP},
         ],
         "title": "Stop",
-        "description": "Up to 16 non-empty stop sequences.",
+        "description": f"Up to {MAX_STOP} non-empty stop sequences (as OpenAI and vLLM).",
     }
     for name, allowed in REFUSED_RESPONSES.items():
         props[name] = {"enum": list(allowed), "title": name, "description": "Not supported (only its default)."}

@@ -42,7 +42,7 @@ def test_stop_string_becomes_list():
         ("min_p", 1.2),
         ("top_k", -2),
         ("stop", [""]),
-        ("stop", ["s"] * 17),
+        ("stop", ["s"] * 5),
         ("top_logprobs", 3),  # without logprobs
         ("response_format", {"type": "xml"}),
         ("functions", [{"name": "f"}]),
@@ -137,3 +137,23 @@ def test_errors_render_as_openai_objects():
     assert ModelNotFoundError("no").status_code == 404
     back = ServiceError.from_dict(InvalidRequestError("bad", param="x").to_dict())
     assert isinstance(back, InvalidRequestError) and back.status_code == 400 and back.param == "x"
+
+
+def test_the_stop_limit_is_vllms():
+    """vLLM's protocol classes (which validate a rich job: logprobs, tools, ...) refuse more
+    than 4 stop sequences; the documented schema allowed 16, so the OpenAPI fuzz test
+    found a schema-valid request refused. The schema, our validators and vLLM agree."""
+    from pydantic import ValidationError as PydanticError
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChat
+
+    from common.schemas import MAX_STOP
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    VllmChat.model_validate({**body, "stop": ["x"] * MAX_STOP})
+    with pytest.raises(PydanticError):
+        VllmChat.model_validate({**body, "stop": ["x"] * (MAX_STOP + 1)})
+    ChatCompletionRequest.model_validate({**body, "stop": ["x"] * MAX_STOP})
+    with pytest.raises(PydanticError):
+        ChatCompletionRequest.model_validate({**body, "stop": ["x"] * (MAX_STOP + 1)})
+    schema = ChatCompletionRequest.model_json_schema()["properties"]["stop"]
+    assert [a.get("maxItems") for a in schema["anyOf"] if a.get("type") == "array"] == [MAX_STOP]
