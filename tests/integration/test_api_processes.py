@@ -107,17 +107,29 @@ def test_connections_land_on_every_process_and_each_holds_one_subscriber_connect
 
 def test_a_stream_started_on_one_process_is_resumed_and_cancelled_through_another(stack, model, api_key):
     auth = {"Authorization": f"Bearer {api_key}"}
+    # The longest job the session's engine takes (8,192 tokens of context): the cancel must
+    # find it running. With 2,000 tokens (about 60 s) a fresh-clone CI run once saw it end
+    # first: the test's client lost about 30 s twice between the steps (the job and both
+    # streams ran at normal speed); the step times go into the failure message.
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": "Count from 1 to 2000, one number a line."}],
-        "max_tokens": 2000,
+        "messages": [{"role": "user", "content": "Count from 1 to 8000, one number a line."}],
+        "max_tokens": 8000,
         "ignore_eos": True,
         "stream": True,
     }
+    start = time.monotonic()
+    steps: list[tuple[str, float]] = []
+
+    def step(name: str) -> None:
+        steps.append((name, round(time.monotonic() - start, 2)))
+
     with httpx.Client(base_url=stack.api_url, timeout=120, headers=auth) as a:
         with a.stream("POST", "/v1/chat/completions", json=body) as first:
             assert first.status_code == 200
+            step("created")
             home = serving_pid(stack, local_port(first))
+            step("home found")
             original = events(first)
             job_id, seq = None, None
             for _, data in original:
@@ -126,11 +138,13 @@ def test_a_stream_started_on_one_process_is_resumed_and_cancelled_through_anothe
                 if seq is not None and any(c["delta"].get("content") for c in chunk["choices"]):
                     break
             assert job_id is not None and seq is not None
+            step("first content")
             url = f"/v1/chat/completions/{job_id}/stream"
             with on_another_process(stack, home, "GET", url, auth, headers={"Last-Event-ID": str(seq)}) as (
                 other,
                 resumed,
             ):
+                step("resumed on another process")
                 assert resumed.status_code == 200 and other != home
                 follow = events(resumed)
                 ids = []
@@ -140,14 +154,15 @@ def test_a_stream_started_on_one_process_is_resumed_and_cancelled_through_anothe
                     if len(ids) == 3:
                         break
                 # Resumed exactly after the cursor, from another process's relay.
-                assert ids[0] == seq + 1 and ids == sorted(set(ids)), (seq, ids)
+                assert ids[0] == seq + 1 and ids == sorted(set(ids)), (seq, ids, steps)
                 with on_another_process(stack, home, "POST", f"/v1/chat/completions/{job_id}/cancel", auth) as (
                     canceller,
                     cancel,
                 ):
+                    step("cancel on another process")
                     assert canceller != home
                     cancel.read()
-                    assert cancel.status_code == 200 and cancel.json()["status"] == "cancelled"
+                    assert cancel.status_code == 200 and cancel.json()["status"] == "cancelled", (cancel.text, steps)
                 # Both readers, on both processes, end with the cancellation.
                 resumed_ends = [finish_reason(d) for _, d in follow]
                 original_ends = [finish_reason(d) for _, d in original]
