@@ -24,10 +24,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from common import keys
@@ -356,18 +358,29 @@ class JobStore:
         if not records:
             return []
         calls = [self._create_call(record, ttl, 0, 0) for record in records]
+
+        async def fill(pipe: Pipeline) -> None:
+            for script_keys, args in calls:
+                await self._run_in(pipe, self._create, script_keys, args)
+
+        # (Every create answers the same when run twice.)
+        answers = await self._pipelined(fill, self._create)
+        return [int(code) for code, _ in answers]
+
+    async def _pipelined(self, fill: Callable[[Pipeline], Awaitable[None]], *scripts: AsyncScript) -> list[Any]:
+        """Run the pipeline `fill` builds (its scripts queued by SHA, `_run_in`); if Redis
+        lost the `scripts` (restarted: NoScriptError, nothing in it ran), load them and run
+        it once more."""
         for attempt in range(2):
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for script_keys, args in calls:
-                        await self._run_in(pipe, self._create, script_keys, args)
-                    answers = await pipe.execute()
-                return [int(code) for code, _ in answers]
+                    await fill(pipe)
+                    return await pipe.execute()
             except NoScriptError:
-                # Redis lost its scripts (restarted); every create answers the same run twice.
                 if attempt:
                     raise
-                await self.redis.script_load(self._create.script)
+                for script in scripts:
+                    await self.redis.script_load(script.script)
         raise AssertionError("unreachable")
 
     def _create_call(
@@ -424,18 +437,12 @@ class JobStore:
         """`claim`, and the record as it is right after it, in one round trip (a worker
         read the record in a second one for every job: about 4% of its CPU under load)."""
         script_keys, args = self._claim_call(job_id, model, worker_id, token, lease_seconds)
-        for attempt in range(2):
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    await self._run_in(pipe, self._claim, script_keys, args)
-                    pipe.hgetall(keys.job(job_id))
-                    result, raw = await pipe.execute()
-                break
-            except NoScriptError:
-                # Redis lost its scripts (restarted): the claim did not run; load it, again.
-                if attempt:
-                    raise
-                await self.redis.script_load(self._claim.script)
+
+        async def fill(pipe: Pipeline) -> None:
+            await self._run_in(pipe, self._claim, script_keys, args)
+            pipe.hgetall(keys.job(job_id))
+
+        result, raw = await self._pipelined(fill, self._claim)
         claimed = result if isinstance(result, int) else keys.text(result)
         return claimed, JobRecord.from_redis(raw) if raw else None
 
