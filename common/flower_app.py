@@ -31,6 +31,7 @@ from flower.utils import broker as flower_broker
 from flower.views import BaseHandler
 
 from common import keys
+from common.redis_client import broker_ssl, tls_options
 from common.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ app.conf.update(
     result_serializer="json",
     broker_transport_options=keys.broker_transport_options(settings.broker_visibility_timeout),
     broker_connection_retry_on_startup=True,
+    # TLS for a rediss:// REDIS_URL (Flower's broker page reads the queues with it too).
+    broker_use_ssl=broker_ssl(settings.redis_url),
 )
 
 PRIORITY_NAMES = {keys.CHAT_PRIORITY: "interactive", keys.BATCH_PRIORITY: "batch"}
@@ -61,7 +64,9 @@ _clients: dict[str, redis.Redis] = {}
 def _models_seen(broker_url: str) -> list[str]:
     client = _clients.get(broker_url)
     if client is None:
-        client = _clients[broker_url] = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=1)
+        client = _clients[broker_url] = redis.Redis.from_url(
+            broker_url, socket_timeout=2, socket_connect_timeout=1, **tls_options(broker_url)
+        )
     return sorted(keys.text(m) for m in client.hkeys(keys.MODELS_SEEN))
 
 

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from common import keys
 from common.broker import captured_commands
 from common.errors import ServiceUnavailableError
-from common.redis_client import connect
+from common.redis_client import broker_ssl, connect
 
 # A send that has had no answer from Redis this long fails (and is retried, then refused
 # with a 503): without it a half-open connection (dropped by a NAT or a proxy) left a send
@@ -52,6 +52,7 @@ class JobQueue:
             task_serializer="json",
             event_serializer="json",
             broker_connection_retry_on_startup=True,
+            broker_use_ssl=broker_ssl(redis_url),
             broker_transport_options=keys.broker_transport_options(visibility_timeout)
             | {"socket_timeout": send_timeout, "socket_connect_timeout": send_timeout},
         )

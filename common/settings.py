@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     # Connections one process keeps to Redis; a command finding all busy waits this long.
     redis_max_connections: int = Field(default=256, ge=4)
     redis_pool_timeout_seconds: float = Field(default=20.0, gt=0)
+    # TLS, for a `rediss://` REDIS_URL (common/redis_client.py): the CA bundle (PEM) that
+    # signed Redis's certificate (default: the system's CAs), and a client certificate and
+    # key for Redis's `tls-auth-clients`. The certificate and its host name are verified
+    # unless REDIS_TLS_VERIFY is false (encrypted, but anyone can pose as Redis).
+    redis_tls_ca_file: str | None = None
+    redis_tls_cert_file: str | None = None
+    redis_tls_key_file: str | None = None
+    redis_tls_verify: bool = True
 
     # API keys and admission control (see api/auth.py, api/admission.py).
     # Bearer keys, comma-separated, and/or a file with one key per line. None configured:
@@ -267,6 +275,15 @@ class Settings(BaseSettings):
         """The tool-call parser a worker actually uses: as `vllm serve`, vLLM loads it only
         with auto tool choice on (without it, no tool_choice but `none` can be served)."""
         return self.tool_call_parser if self.tool_call_parser and self.auto_tool_choice else None
+
+    @field_validator("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+    @classmethod
+    def _readable_file(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
 
     @property
     def model_dir(self) -> Path | None:

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,7 +22,10 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,13 +42,95 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def redis_answers(port: int) -> bool:
+def redis_answers(port: int, tls: Path | None = None) -> bool:
+    """A Redis answers PING on `port` (over TLS with the files `make_tls_files` wrote in `tls`)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
+            s: socket.socket = raw
+            if tls is not None:
+                context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+                context.load_cert_chain(tls / "client.crt", tls / "client.key")
+                s = context.wrap_socket(raw, server_hostname="127.0.0.1")
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def make_tls_files(directory: Path, name: str = "llmq test CA") -> Path:
+    """A certificate authority `name`, a server certificate it signed for 127.0.0.1 and
+    localhost, and a client certificate, as PEM files in `directory` (ca.crt, server.crt,
+    server.key, client.crt, client.key): for a Redis with TLS in tests and benchmarks."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def write_key(path: Path) -> ec.EllipticCurvePrivateKey:
+        key = ec.generate_private_key(ec.SECP256R1())
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return key
+
+    def issue(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None) -> x509.CertificateBuilder:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+        )
+
+    ca_key = write_key(directory / "ca.key")
+    ca = (
+        issue(name, ca_key, None)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for role, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = write_key(directory / f"{role}.key")
+        cert = (
+            issue(f"llmq {role}", key, ca.subject)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        (directory / f"{role}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return directory
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -121,6 +207,9 @@ class Stack:
     # Redis with append-only persistence (fsync on every write), so a restarted Redis keeps
     # its jobs. Its data lives in `log_dir`/redis-data (or var/redis-<port>-aof).
     redis_persist: bool = False
+    # A directory of `make_tls_files`: Redis then speaks TLS only (client certificates
+    # required), REDIS_URL is rediss:// and REDIS_TLS_* name the files.
+    redis_tls: Path | None = None
     # Every API process by name, on its own port; "api" is the one on `api_port`.
     api_ports: dict[str, int] = field(default_factory=dict)
     # How each worker was started (its extra environment), so `restart` can start it again.
@@ -134,7 +223,31 @@ class Stack:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        scheme = "rediss" if self.redis_tls is not None else "redis"
+        return f"{scheme}://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def redis_tls_env(self) -> dict[str, str]:
+        if self.redis_tls is None:
+            return {}
+        return {
+            "REDIS_TLS_CA_FILE": str(self.redis_tls / "ca.crt"),
+            "REDIS_TLS_CERT_FILE": str(self.redis_tls / "client.crt"),
+            "REDIS_TLS_KEY_FILE": str(self.redis_tls / "client.key"),
+        }
+
+    def redis_client(self) -> redis.Redis:
+        """A (blocking) client of this stack's Redis, over TLS if it speaks TLS."""
+        import redis
+
+        tls: dict[str, object] = {}
+        if self.redis_tls is not None:
+            tls = {
+                "ssl_ca_certs": str(self.redis_tls / "ca.crt"),
+                "ssl_certfile": str(self.redis_tls / "client.crt"),
+                "ssl_keyfile": str(self.redis_tls / "client.key"),
+            }
+        return redis.Redis.from_url(self.redis_url, **tls)  # type: ignore[arg-type]
 
     @property
     def api_url(self) -> str:
@@ -164,6 +277,7 @@ class Stack:
         env.setdefault("TOOL_CALL_PARSER", "hermes")
         env.update(self.env)
         env["REDIS_URL"] = self.redis_url
+        env.update(self.redis_tls_env)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
@@ -188,7 +302,7 @@ class Stack:
         return proc
 
     def start_redis(self) -> None:
-        if redis_answers(self.redis_port):
+        if redis_answers(self.redis_port, self.redis_tls):
             print(f"using the Redis server already on port {self.redis_port}", flush=True)
             return
         data = self.redis_data_dir
@@ -196,12 +310,19 @@ class Stack:
         persistence = (
             ["--appendonly", "yes", "--appendfsync", "always"] if self.redis_persist else ["--appendonly", "no"]
         )
+        listen = ["--port", str(self.redis_port)]
+        if self.redis_tls is not None:
+            t = self.redis_tls
+            listen = [
+                *("--port", "0", "--tls-port", str(self.redis_port)),
+                *("--tls-cert-file", str(t / "server.crt"), "--tls-key-file", str(t / "server.key")),
+                *("--tls-ca-cert-file", str(t / "ca.crt"), "--tls-auth-clients", "yes"),
+            ]
         self.spawn(
             "redis",
             [
                 "redis-server",
-                "--port",
-                str(self.redis_port),
+                *listen,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -211,7 +332,7 @@ class Stack:
                 str(data),
             ],
         )
-        self._wait(lambda: redis_answers(self.redis_port), 20, "redis")
+        self._wait(lambda: redis_answers(self.redis_port, self.redis_tls), 20, "redis")
 
     def start_worker(self, name: str = "worker1", extra_env: dict[str, str] | None = None) -> Proc:
         env_args = [f"{k}={v}" for k, v in (extra_env or {}).items()]
@@ -324,7 +445,7 @@ class Stack:
         from common.jobs import WorkerInfo
 
         try:
-            with redis.Redis.from_url(self.redis_url) as r:
+            with self.redis_client() as r:
                 ids = [keys.text(i) for i in r.zrange(keys.WORKERS, 0, -1)]
                 raws = r.mget([keys.worker(i) for i in ids]) if ids else []
         except redis.RedisError:

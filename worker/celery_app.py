@@ -19,6 +19,7 @@ from celery import Celery, signals
 from common import keys, timing
 from common.job_queue import JobQueue
 from common.logs import setup_logging
+from common.redis_client import broker_ssl
 from common.settings import get_settings
 from worker import metrics as worker_metrics
 from worker.runtime import WorkerRuntime, unique_worker_id
@@ -47,6 +48,7 @@ app.conf.update(
     worker_send_task_events=True,
     task_send_sent_event=True,
     broker_connection_retry_on_startup=True,
+    broker_use_ssl=broker_ssl(settings.redis_url),
     broker_transport_options=keys.broker_transport_options(settings.broker_visibility_timeout),
     worker_hijack_root_logger=False,
 )
