@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from common import keys, timing
 from common.errors import ServiceError, ServiceUnavailableError
 from common.jobs import ChunkEvent
-from common.redis_client import tls_options
+from common.redis_client import client
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class StreamRelay:
         return sum(len(subs) for subs in self._subs.values())
 
     async def start(self) -> None:
-        self._redis = aioredis.from_url(self.redis_url, **tls_options(self.redis_url))
+        self._redis = client(self.redis_url)
         self._task = asyncio.create_task(self._run(), name="stream-relay")
 
     async def stop(self) -> None:

@@ -204,3 +204,13 @@ class Channel(redis.Channel):
 
 class Transport(redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, redis.SentinelChannel):
+    """This channel, with the primary found through Redis Sentinel (kombu's `sentinel://`
+    URLs and `master_name` transport option; see `common.redis_client.broker_settings`)."""
+
+
+class SentinelTransport(Transport):
+    default_port = 26379  # type: ignore[assignment]
+    Channel = SentinelChannel

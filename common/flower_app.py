@@ -31,23 +31,23 @@ from flower.utils import broker as flower_broker
 from flower.views import BaseHandler
 
 from common import keys
-from common.redis_client import broker_ssl, tls_options
+from common.redis_client import broker_settings, sync_client
 from common.settings import get_settings
 
 log = logging.getLogger(__name__)
 settings = get_settings()
 
 # The broker URL: REDIS_URL here; `celery --broker=...` or CELERY_BROKER_URL take precedence.
-app = Celery("llmq-flower", broker=settings.redis_url)
+app = Celery("llmq-flower")
 app.conf.update(
+    # kombu's own transport; TLS and Sentinel as configured (Flower's broker page reads
+    # the queues with the same settings).
+    **broker_settings(settings.redis_url, keys.broker_transport_options(settings.broker_visibility_timeout), None),
     accept_content=["json"],
     event_serializer="json",
     task_serializer="json",
     result_serializer="json",
-    broker_transport_options=keys.broker_transport_options(settings.broker_visibility_timeout),
     broker_connection_retry_on_startup=True,
-    # TLS for a rediss:// REDIS_URL (Flower's broker page reads the queues with it too).
-    broker_use_ssl=broker_ssl(settings.redis_url),
 )
 
 PRIORITY_NAMES = {keys.CHAT_PRIORITY: "interactive", keys.BATCH_PRIORITY: "batch"}
@@ -64,9 +64,10 @@ _clients: dict[str, redis.Redis] = {}
 def _models_seen(broker_url: str) -> list[str]:
     client = _clients.get(broker_url)
     if client is None:
-        client = _clients[broker_url] = redis.Redis.from_url(
-            broker_url, socket_timeout=2, socket_connect_timeout=1, **tls_options(broker_url)
-        )
+        # Flower's broker, or with Sentinel (kombu's `sentinel://...` URL), REDIS_URL and the
+        # Sentinel settings (TLS as configured either way).
+        url = settings.redis_url if broker_url.startswith("sentinel://") else broker_url
+        client = _clients[broker_url] = sync_client(url, socket_timeout=2, socket_connect_timeout=1)
     return sorted(keys.text(m) for m in client.hkeys(keys.MODELS_SEEN))
 
 

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from common import keys
 from common.broker import captured_commands
 from common.errors import ServiceUnavailableError
-from common.redis_client import broker_ssl, connect
+from common.redis_client import broker_settings, connect
 
 # A send that has had no answer from Redis this long fails (and is retried, then refused
 # with a 503): without it a half-open connection (dropped by a NAT or a proxy) left a send
@@ -42,9 +42,15 @@ class JobQueue:
     def __init__(self, redis_url: str, visibility_timeout: int, send_timeout: float = SEND_TIMEOUT_SECONDS):
         self.redis_url = redis_url
         self.send_timeout = send_timeout
-        self.app = Celery("llmq-api", broker=redis_url)
+        self.app = Celery("llmq-api")
         self.app.conf.update(
-            broker_transport="common.broker:Transport",  # its channel keeps what it would send
+            # llmq's transport: its channel keeps what it would send (TLS, Sentinel as set).
+            **broker_settings(
+                redis_url,
+                keys.broker_transport_options(visibility_timeout)
+                | {"socket_timeout": send_timeout, "socket_connect_timeout": send_timeout},
+                "common.broker:Transport",
+            ),
             task_send_sent_event=True,  # Flower shows jobs from the moment they are queued
             task_ignore_result=True,
             # JSON only (as the workers accept): the message is the job id, nothing else.
@@ -52,9 +58,6 @@ class JobQueue:
             task_serializer="json",
             event_serializer="json",
             broker_connection_retry_on_startup=True,
-            broker_use_ssl=broker_ssl(redis_url),
-            broker_transport_options=keys.broker_transport_options(visibility_timeout)
-            | {"socket_timeout": send_timeout, "socket_connect_timeout": send_timeout},
         )
         # The asyncio client, for the event loop it was made on (an API process has one;
         # tests run several).

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import ssl
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse
 
+import redis
 import redis.asyncio as aioredis
+import redis.sentinel
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
@@ -62,13 +65,123 @@ def broker_ssl(url: str, settings: Settings | None = None) -> dict[str, Any] | N
     return tls_options(url, settings) or None
 
 
+# How long asking a Sentinel where the primary is may take (then the next one is asked).
+SENTINEL_TIMEOUT_SECONDS = 2.0
+
+
+def uses_sentinel(url: str, settings: Settings | None = None) -> bool:
+    """Whether connections to `url` find the primary through Sentinel: REDIS_SENTINELS is
+    set and `url` is the service's REDIS_URL (other URLs are connected to directly)."""
+    s = settings or get_settings()
+    return bool(s.sentinels) and url == s.redis_url
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's pool (connections go to the primary it names, found again after a
+    failover) that waits for a free connection, as `connect`'s pool does."""
+
+
+def _sentinel_params(url: str, s: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the primary's connection arguments from `url`, the Sentinels' own)."""
+    parsed = urlparse(url)
+    params: dict[str, Any] = {"db": int((parsed.path or "/0").lstrip("/") or 0)}
+    if parsed.username:
+        params["username"] = unquote(parsed.username)
+    if parsed.password:
+        params["password"] = unquote(parsed.password)
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": SENTINEL_TIMEOUT_SECONDS,
+        "socket_connect_timeout": SENTINEL_TIMEOUT_SECONDS,
+        **tls_options(url, s),
+    }
+    if parsed.scheme == "rediss":
+        sentinel_kwargs["ssl"] = True
+    if s.redis_sentinel_password is not None:
+        sentinel_kwargs["password"] = s.redis_sentinel_password.get_secret_value()
+    return params, sentinel_kwargs
+
+
 def connect(url: str, max_connections: int = 256, pool_timeout: float = 20.0, **kwargs: object) -> aioredis.Redis:
     """An asyncio Redis client for `url` with the service's retry policy and a blocking pool
-    (and TLS as configured, for a `rediss://` URL)."""
+    (TLS as configured for a `rediss://` URL; the primary found through Sentinel if set)."""
     kwargs.setdefault("health_check_interval", 10)
     for name, value in tls_options(url).items():
         kwargs.setdefault(name, value)
+    if uses_sentinel(url):
+        return _sentinel_client(
+            url,
+            _BlockingSentinelPool,
+            max_connections=max_connections,
+            timeout=pool_timeout,
+            retry=retry_policy(),
+            **kwargs,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=pool_timeout, retry=retry_policy(), **kwargs
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def client(url: str, **kwargs: Any) -> aioredis.Redis:
+    """An asyncio Redis client for `url` with redis-py's own pool and retries (the stream
+    relay's pub/sub connection), TLS and Sentinel as `connect`."""
+    for name, value in tls_options(url).items():
+        kwargs.setdefault(name, value)
+    if uses_sentinel(url):
+        return _sentinel_client(url, SentinelConnectionPool, **kwargs)
+    return aioredis.from_url(url, **kwargs)
+
+
+def _sentinel_client(url: str, pool_class: type[SentinelConnectionPool], **kwargs: Any) -> aioredis.Redis:
+    s = get_settings()
+    params, sentinel_kwargs = _sentinel_params(url, s)
+    if urlparse(url).scheme == "rediss":
+        kwargs["ssl"] = True  # Sentinel's pool picks its TLS connection class on it
+    manager = Sentinel(s.sentinels, sentinel_kwargs=sentinel_kwargs, **params)
+    return manager.master_for(s.redis_sentinel_master, connection_pool_class=pool_class, **kwargs)
+
+
+def sync_client(url: str, **kwargs: Any) -> redis.Redis:
+    """A blocking Redis client for `url` (Flower's page), TLS and Sentinel as `connect`."""
+    for name, value in tls_options(url).items():
+        kwargs.setdefault(name, value)
+    if not uses_sentinel(url):
+        return redis.Redis.from_url(url, **kwargs)
+    s = get_settings()
+    params, sentinel_kwargs = _sentinel_params(url, s)
+    if urlparse(url).scheme == "rediss":
+        kwargs["ssl"] = True
+    manager = redis.sentinel.Sentinel(s.sentinels, sentinel_kwargs=sentinel_kwargs, **params)
+    return manager.master_for(s.redis_sentinel_master, **kwargs)
+
+
+def broker_settings(
+    url: str, transport_options: dict[str, Any], transport: str | None, settings: Settings | None = None
+) -> dict[str, Any]:
+    """A Celery app's broker settings for `url` (`app.conf.update(**...)`): its URL, its
+    transport (`transport`: llmq's, `common.broker:Transport`; None: kombu's own, as
+    Flower runs), TLS (`broker_use_ssl`) and the transport options. With Sentinel, the URL
+    lists the Sentinels (kombu's `sentinel://host:port;sentinel://...` form, with the
+    primary's password and database), the transport is the Sentinel flavour, and the
+    options name the primary (`master_name`) and the Sentinels' own password and TLS."""
+    s = settings or get_settings()
+    conf: dict[str, Any] = {
+        "broker_url": url,
+        "broker_use_ssl": broker_ssl(url, s),
+        "broker_transport_options": dict(transport_options),
+    }
+    if transport is not None:
+        conf["broker_transport"] = transport
+    if not uses_sentinel(url, s):
+        return conf
+    parsed = urlparse(url)
+    auth = ""
+    if parsed.password:
+        auth = f"{quote(unquote(parsed.username or ''), safe='')}:{quote(unquote(parsed.password), safe='')}@"
+    db = (parsed.path or "/0").lstrip("/") or "0"
+    conf["broker_url"] = ";".join(f"sentinel://{auth}{host}:{port}/{db}" for host, port in s.sentinels)
+    if transport is not None:
+        conf["broker_transport"] = "common.broker:SentinelTransport"
+    _, sentinel_kwargs = _sentinel_params(url, s)
+    conf["broker_transport_options"] |= {"master_name": s.redis_sentinel_master, "sentinel_kwargs": sentinel_kwargs}
+    return conf

@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     redis_tls_cert_file: str | None = None
     redis_tls_key_file: str | None = None
     redis_tls_verify: bool = True
+    # Redis Sentinel (common/redis_client.py): the Sentinels, "host:port" comma-separated,
+    # and the name they monitor the primary under. Set, every connection asks them where
+    # the primary is (REDIS_URL's host and port are then not used; its password, database
+    # and scheme are). REDIS_SENTINEL_PASSWORD: the Sentinels' own password, if any.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None
 
     # API keys and admission control (see api/auth.py, api/admission.py).
     # Bearer keys, comma-separated, and/or a file with one key per line. None configured:
@@ -275,6 +282,24 @@ class Settings(BaseSettings):
         """The tool-call parser a worker actually uses: as `vllm serve`, vLLM loads it only
         with auto tool choice on (without it, no tool_choice but `none` can be served)."""
         return self.tool_call_parser if self.tool_call_parser and self.auto_tool_choice else None
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_list(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            host, sep, port = item.rpartition(":")
+            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"expected host:port[,host:port...], got {item!r}")
+        return value
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs; [] when Sentinel is not used."""
+        pairs = []
+        for item in filter(None, (part.strip() for part in self.redis_sentinels.split(","))):
+            host, _, port = item.rpartition(":")
+            pairs.append((host.strip("[]"), int(port)))
+        return pairs
 
     @field_validator("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
     @classmethod

@@ -419,7 +419,6 @@ class Stack:
                 "celery",
                 "-A",
                 "common.flower_app",
-                f"--broker={self.redis_url}",
                 "flower",
                 f"--port={self.flower_port}",
                 "--address=127.0.0.1",

@@ -19,7 +19,7 @@ from celery import Celery, signals
 from common import keys, timing
 from common.job_queue import JobQueue
 from common.logs import setup_logging
-from common.redis_client import broker_ssl
+from common.redis_client import broker_settings
 from common.settings import get_settings
 from worker import metrics as worker_metrics
 from worker.runtime import WorkerRuntime, unique_worker_id
@@ -28,9 +28,14 @@ log = logging.getLogger(__name__)
 settings = get_settings()
 
 # The tasks module imports this one; Celery imports it once the app exists (no cycle).
-app = Celery("llmq-worker", broker=settings.redis_url, include=["worker.tasks"])
+app = Celery("llmq-worker", include=["worker.tasks"])
 app.conf.update(
-    broker_transport="common.broker:Transport",
+    # llmq's transport (common/broker.py); TLS and Sentinel as configured.
+    **broker_settings(
+        settings.redis_url,
+        keys.broker_transport_options(settings.broker_visibility_timeout),
+        "common.broker:Transport",
+    ),
     worker_pool="threads",
     worker_concurrency=settings.worker_slots,
     worker_prefetch_multiplier=1,
@@ -48,8 +53,6 @@ app.conf.update(
     worker_send_task_events=True,
     task_send_sent_event=True,
     broker_connection_retry_on_startup=True,
-    broker_use_ssl=broker_ssl(settings.redis_url),
-    broker_transport_options=keys.broker_transport_options(settings.broker_visibility_timeout),
     worker_hijack_root_logger=False,
 )
 
