@@ -193,6 +193,10 @@ class WorkerRuntime:
                 return
             except asyncio.CancelledError:
                 raise
+            except (RedisError, OSError) as exc:
+                # Redis away (restarted, failing over): expected, and said without a traceback.
+                log.warning("%s lost Redis (%s); restarting in 1 s", getattr(factory, "__name__", factory), exc)
+                await asyncio.sleep(1)
             except Exception:
                 log.exception("%s failed; restarting in 1 s", getattr(factory, "__name__", factory))
                 await asyncio.sleep(1)

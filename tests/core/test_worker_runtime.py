@@ -200,3 +200,26 @@ async def _len_at_least(redis, job_id: str, n: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_background_loop_that_lost_redis_restarts_with_a_warning_not_a_traceback(caplog, monkeypatch):
+    """A Redis restart or a Sentinel failover makes every background loop of a worker
+    lose its connection: each says so in one warning line and starts again; any other
+    failure keeps its traceback."""
+    monkeypatch.setattr(runtime_module.asyncio, "sleep", _no_sleep)
+    failures = [RedisConnectionError("Connection refused"), ValueError("a bug")]
+
+    async def loop_body() -> None:
+        if failures:
+            raise failures.pop(0)
+
+    with caplog.at_level("WARNING", logger="worker.runtime"):
+        await WorkerRuntime._forever(None, loop_body)  # type: ignore[arg-type]
+    lost, bug = [r for r in caplog.records if r.name == "worker.runtime"]
+    assert lost.levelname == "WARNING" and "lost Redis (Connection refused)" in lost.getMessage()
+    assert lost.exc_info is None
+    assert bug.levelname == "ERROR" and bug.exc_info is not None
+
+
+async def _no_sleep(_seconds: float) -> None:
+    return None
