@@ -6,7 +6,9 @@ the messages as any Celery message, interactive ones before batch lines."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import time
 
 import anyio.to_thread
 import pytest
@@ -65,3 +67,44 @@ async def test_messages_go_out_on_the_loop_and_read_as_celery_messages(redis, re
     assert tasks == {keys.CHAT_TASK}
     assert sorted(ids[:4]) == ["chatcmpl-c0", "chatcmpl-c1", "chatcmpl-c2", "chatcmpl-warm"]
     assert ids[4:] == ["chatcmpl-b0", "chatcmpl-b1", "chatcmpl-b2"]
+
+
+def _decoded(commands):
+    """Each command's name, key and payload, its base64 body decoded, without what Celery
+    makes anew for every message (delivery tag, the event's clock tick and time)."""
+    out = []
+    for name, (key, raw) in commands:
+        payload = json.loads(raw)
+        payload["body"] = json.loads(base64.b64decode(payload["body"]))
+        del payload["properties"]["delivery_tag"]
+        if name == "publish":
+            assert isinstance(payload["body"].pop("clock"), int)
+            assert abs(payload["body"].pop("timestamp") - time.time()) < 60
+        out.append((name, keys.text(key), payload))
+    return out
+
+
+async def test_messages_made_from_a_template_are_celerys(redis, redis_url):
+    """After the first job of a model and priority, JobQueue makes each job's message and
+    event from that job's (not through Celery's send_task, about 200 us a job): they are
+    what Celery makes, but for the delivery tags, clock ticks and times."""
+    queue = JobQueue(redis_url, 120)
+    try:
+        await queue.submit("chatcmpl-warm", "m")
+        for priority in (keys.CHAT_PRIORITY, keys.BATCH_PRIORITY):
+            ids = [f"chatcmpl-t{priority}-{i}" for i in range(4)]
+            made = queue._messages(ids, "m", priority)
+            assert (("m", priority)) in queue._templates
+            celerys = queue._celery_messages(ids, "m", priority)
+            assert _decoded(made) == _decoded(celerys)
+            assert len({json.loads(raw)["properties"]["delivery_tag"] for _, (_, raw) in made}) == 8
+            clocks = [
+                json.loads(base64.b64decode(json.loads(raw)["body"]))["clock"] for n, (_, raw) in made if n == "publish"
+            ]
+            assert clocks == sorted(set(clocks))  # the app's clock moves on, once an event
+        # Another model's first job is Celery's own (and its template then made).
+        first = queue._messages(["chatcmpl-other"], "other", keys.CHAT_PRIORITY)
+        assert ("other", keys.CHAT_PRIORITY) in queue._templates
+        assert _decoded(first) == _decoded(queue._celery_messages(["chatcmpl-other"], "other", keys.CHAT_PRIORITY))
+    finally:
+        await queue.aclose()
