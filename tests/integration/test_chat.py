@@ -188,13 +188,19 @@ async def test_concurrent_streams_are_batched(aclient, model):
         return text, tokens
 
     t0 = time.monotonic()
-    await one(32)
+    alone, _ = await one(32)
     single = time.monotonic() - t0
     n = 16
     t0 = time.monotonic()
     results = await asyncio.gather(*(one(32) for _ in range(n)))
     together = time.monotonic() - t0
     assert all(tokens == 32 for _, tokens in results)
-    assert len({text for text, _ in results}) == 1  # greedy: the same answer for all
+    # Greedy: each stream gets the answer, its own, whole. Only up to the model's end of
+    # turn: past it (ignore_eos) greedy picks between near ties, which bf16's batch-size
+    # dependent rounding can tip either way (a CI run: "I am planning" in some streams,
+    # "I'm planning" in others, after the same first line).
+    answer = alone.split("\n")[0]
+    assert answer.startswith("The capital of France is Paris"), alone
+    assert all(text.split("\n")[0] == answer for text, _ in results), {text for text, _ in results}
     # Serially this would take n * single; batched it takes a small multiple of single.
     assert together < n * single / 3, (together, single)

@@ -82,6 +82,11 @@ def sentinel_stack(tmp_path_factory):
         )
         s.spawn("sentinel", ["redis-server", str(conf), "--sentinel"])
         wait_until(lambda: redis_answers(replica_port), 20, "replica")
+        # The replica has its copy (Redis 7 starts a replica's first full sync 5 s after it
+        # asks: a primary killed before then leaves a replica with nothing, and Sentinel
+        # promotes it all the same; a CI run saw the stream end "Redis lost the job").
+        replica = redis_lib.Redis(port=replica_port, decode_responses=True)
+        wait_until(lambda: replica.info("replication").get("master_link_status") == "up", 30, "the replica to sync")
         sentinel = redis_lib.Redis(port=sentinel_port, decode_responses=True)
         # The Sentinel has found the replica (through the primary) before anything relies on it.
         wait_until(lambda: sentinel.sentinel_slaves(MASTER), 30, "the Sentinel to see the replica")
