@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 
 class QoS(redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acks = _Acks()
+
     def append(self, message: Any, delivery_tag: str) -> None:
         recorded = self.channel._recorded
         if delivery_tag in recorded:
@@ -74,16 +78,49 @@ class QoS(redis.QoS):
         base.QoS.ack(self, delivery_tag)
 
     def _forget(self, delivery_tag: str) -> None:
+        """Take the message out of the unacknowledged ones in Redis. Acks from task
+        threads that end together share a round trip: the first becomes the one that
+        writes, for all that come while it does (a MULTI/EXEC each was about 8% of a
+        worker's time under a batch's lines); the others return at once. An ack not yet
+        written when the worker dies leaves its message to be redelivered after the
+        visibility timeout, and dropped (its job's claim is refused: it has ended)."""
+        state = self._acks
+        with state.lock:
+            state.pending.append(delivery_tag)
+            if state.writing:
+                return
+            state.writing = True
         try:
-            self._remove_from_indices(delivery_tag).execute()
-        except (AttributeError, RedisError, OSError) as exc:
-            # Delivered on a connection that has since closed (Redis restarted).
-            log.warning(
-                "could not acknowledge message %s on its closed channel (%s); "
-                "the broker will redeliver it and it will be skipped",
-                delivery_tag,
-                exc,
-            )
+            while True:
+                with state.lock:
+                    tags, state.pending = state.pending, []
+                    if not tags:
+                        state.writing = False  # in the same hold of the lock as the look
+                        return
+                try:
+                    with self.pipe_or_acquire() as pipe:
+                        pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+                except (AttributeError, RedisError, OSError) as exc:
+                    # Delivered on a connection that has since closed (Redis restarted).
+                    log.warning(
+                        "could not acknowledge message(s) %s on its closed channel (%s); "
+                        "the broker will redeliver them and they will be skipped",
+                        ", ".join(tags),
+                        exc,
+                    )
+        except BaseException:
+            with state.lock:
+                state.writing = False
+            raise
+
+
+class _Acks:
+    """Acknowledgements waiting to be written (`QoS._forget`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: list[str] = []
+        self.writing = False
 
 
 # -- messages built here, sent by the caller --------------------------------------------
