@@ -4,6 +4,7 @@ table is pinned here by name."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -347,3 +348,30 @@ async def test_claim_record_claims_and_reads_the_record_in_one_round_trip(redis)
     assert calls == 3
     missing, none = await store.claim_record("chatcmpl-missing", record.model, "w1", new_claim_token(), 10)
     assert isinstance(missing, str) and none is None
+
+
+async def test_claims_made_together_go_out_in_one_round_trip(redis):
+    """A worker's jobs arrive many a millisecond under load: their claims share a pipeline
+    (issue 12), each answered as if alone (claimed, refused with the status, missing)."""
+    store = JobStore(redis, 3600)
+    records = [job() for _ in range(6)]
+    for r in records:
+        await store.create(r)
+    await store.claim(records[0].id, "m", "w0", new_claim_token(), 10)  # already running
+    calls = 0
+    pipeline = redis.pipeline
+
+    def counting_pipeline(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return pipeline(*args, **kwargs)
+
+    redis.pipeline = counting_pipeline
+    ids = [r.id for r in records] + ["chatcmpl-missing"]
+    answers = await asyncio.gather(*(store.claim_record(i, "m", "w1", new_claim_token(), 10) for i in ids))
+    assert calls == 1
+    assert answers[0][0] == "in_progress" and answers[0][1] is not None and answers[0][1].attempt == 1
+    for (claimed, stored), r in zip(answers[1:-1], records[1:], strict=True):
+        assert claimed == 1 and stored is not None and stored.id == r.id and stored.status == "in_progress"
+    assert isinstance(answers[-1][0], str) and answers[-1][1] is None
+    assert set(await redis.zrange(keys.LEASES, 0, -1)) == {r.id.encode() for r in records}
