@@ -18,7 +18,7 @@ streams got 187 503s from it with Redis healthy).
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, unquote, urlparse
 
 import redis
@@ -108,13 +108,17 @@ def connect(url: str, max_connections: int = 256, pool_timeout: float = 20.0, **
     for name, value in tls_options(url).items():
         kwargs.setdefault(name, value)
     if uses_sentinel(url):
-        return _sentinel_client(
-            url,
-            _BlockingSentinelPool,
-            max_connections=max_connections,
-            timeout=pool_timeout,
-            retry=retry_policy(),
-            **kwargs,
+        return cast(
+            aioredis.Redis,
+            _sentinel_client(
+                Sentinel,
+                url,
+                connection_pool_class=_BlockingSentinelPool,
+                max_connections=max_connections,
+                timeout=pool_timeout,
+                retry=retry_policy(),
+                **kwargs,
+            ),
         )
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=pool_timeout, retry=retry_policy(), **kwargs
@@ -128,31 +132,28 @@ def client(url: str, **kwargs: Any) -> aioredis.Redis:
     for name, value in tls_options(url).items():
         kwargs.setdefault(name, value)
     if uses_sentinel(url):
-        return _sentinel_client(url, SentinelConnectionPool, **kwargs)
+        return cast(aioredis.Redis, _sentinel_client(Sentinel, url, **kwargs))
     return aioredis.from_url(url, **kwargs)
 
 
-def _sentinel_client(url: str, pool_class: type[SentinelConnectionPool], **kwargs: Any) -> aioredis.Redis:
+def _sentinel_client(sentinel_class: type[Any], url: str, /, **kwargs: Any) -> Any:
+    """A client of the primary Sentinel names for `url` (`sentinel_class`: redis-py's
+    asyncio `Sentinel` or its blocking one; `kwargs` for the primary's connections)."""
     s = get_settings()
     params, sentinel_kwargs = _sentinel_params(url, s)
     if urlparse(url).scheme == "rediss":
         kwargs["ssl"] = True  # Sentinel's pool picks its TLS connection class on it
-    manager = Sentinel(s.sentinels, sentinel_kwargs=sentinel_kwargs, **params)
-    return manager.master_for(s.redis_sentinel_master, connection_pool_class=pool_class, **kwargs)
+    manager = sentinel_class(s.sentinels, sentinel_kwargs=sentinel_kwargs, **params)
+    return manager.master_for(s.redis_sentinel_master, **kwargs)
 
 
 def sync_client(url: str, **kwargs: Any) -> redis.Redis:
     """A blocking Redis client for `url` (Flower's page), TLS and Sentinel as `connect`."""
     for name, value in tls_options(url).items():
         kwargs.setdefault(name, value)
-    if not uses_sentinel(url):
-        return redis.Redis.from_url(url, **kwargs)
-    s = get_settings()
-    params, sentinel_kwargs = _sentinel_params(url, s)
-    if urlparse(url).scheme == "rediss":
-        kwargs["ssl"] = True
-    manager = redis.sentinel.Sentinel(s.sentinels, sentinel_kwargs=sentinel_kwargs, **params)
-    return manager.master_for(s.redis_sentinel_master, **kwargs)
+    if uses_sentinel(url):
+        return cast(redis.Redis, _sentinel_client(redis.sentinel.Sentinel, url, **kwargs))
+    return redis.Redis.from_url(url, **kwargs)
 
 
 def broker_settings(
