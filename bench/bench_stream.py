@@ -9,7 +9,13 @@ For each concurrency level (default 1, 8, 32, 64 streams) the same load runs on:
 serve and llmq are driven by the very same HTTP streaming client (httpx, SSE). Each stream
 asks for `--tokens` output tokens (greedy, ignore_eos) on the default model and makes
 `--requests` requests one after the other (closed loop); a level runs `--rounds` times
-and each figure is the median over its rounds. Prints tok/s, TTFT p50/p99, inter-token
+and each figure is the median over its rounds.
+
+The three are started once and take turns, round by round (engine, serve, llmq, then
+llmq, serve, engine, ...), each alone on the machine: the others' engine processes are
+stopped (SIGSTOP) while it runs. A shared machine's speed drifts by 10-15% over the
+minutes a run takes; run one subject after the other and the drift lands on whichever
+ran last, larger than the margins the ratios are read for. Prints tok/s, TTFT p50/p99, inter-token
 latency (between content chunks) p50/p99 and the worst stream's p99, llmq/serve ratios
 and the milliseconds llmq adds to TTFT; then, from per-job stamps the API and the worker
 write with BENCH_TIMING=1 (common/timing.py), llmq's first-token time by stage.
@@ -22,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -132,66 +140,143 @@ async def closed_loop(streams: int, requests: int, one: Callable[[], Awaitable[S
     return Round(sum(s.tokens for s in samples), time.perf_counter() - t0, samples)
 
 
-async def run_levels(
-    mode: str, levels: list[int], rounds: int, requests: int, one: Callable[[], Awaitable[Sample]]
-) -> list[Level]:
-    await one()  # warm-up (the API's tokenizer, the first engine steps)
-    out = []
-    for streams in levels:
-        level = Level(mode, streams)
-        for _ in range(rounds):
-            try:
-                level.rounds.append(await closed_loop(streams, requests, one))
-            except Exception as exc:  # a failed request spoils its round, not the run
-                level.errors += 1
-                print(f"  {mode} {streams} streams: a round failed: {exc!r}", flush=True)
-        if level.rounds:
-            s = level.summary()
-            print(
-                f"  {mode:<6} {streams:>3} streams: {s['tokens_per_s']:7.1f} tok/s  "
-                f"TTFT p50 {s['ttft_p50'] * 1e3:7.1f} p99 {s['ttft_p99'] * 1e3:7.1f} ms  "
-                f"ITL p50 {s['itl_p50'] * 1e3:6.1f} p99 {s['itl_p99'] * 1e3:6.1f} ms",
-                flush=True,
-            )
-        out.append(level)
-    return out
+def print_level(level: Level) -> None:
+    if level.rounds:
+        s = level.summary()
+        print(
+            f"  {level.mode:<6} {level.streams:>3} streams: {s['tokens_per_s']:7.1f} tok/s  "
+            f"TTFT p50 {s['ttft_p50'] * 1e3:7.1f} p99 {s['ttft_p99'] * 1e3:7.1f} ms  "
+            f"ITL p50 {s['itl_p50'] * 1e3:6.1f} p99 {s['itl_p99'] * 1e3:6.1f} ms",
+            flush=True,
+        )
 
 
 # -- the three subjects -------------------------------------------------------------------
 
 
-async def run_engine(levels: list[int], tokens: int, rounds: int, requests: int) -> list[Level]:
-    from transformers import AutoTokenizer
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
 
-    from common.jobs import JobRequest, SamplingSpec
-    from common.settings import get_settings
-    from worker.engine import build_engine
 
-    settings = get_settings()
-    tok = AutoTokenizer.from_pretrained(settings.model_path)
-    text = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
-    ids = tok.encode(text, add_special_tokens=False)
-    engine = build_engine(settings)
-    await engine.start()
-    spec = SamplingSpec(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    counter = 0
+class Subject:
+    """One system under load: started once, then given the machine in turns. While another
+    runs its round, its engine's processes are stopped (SIGSTOP): on a machine with fewer
+    cores than engines an idle engine is not idle (an engine core keeps polling its queues
+    for a while, vLLM's CPU threads spin), and the subjects would measure each other. The
+    processes that hold connections (an HTTP server, the Celery consumer) keep running."""
 
-    async def one() -> Sample:
-        nonlocal counter
-        counter += 1
-        t0 = time.perf_counter()
-        arrivals: list[float] = []
-        n = 0
-        async for deltas in engine.generate(f"bench-{counter}", JobRequest(prompt_token_ids=ids, sampling=spec)):
-            n += sum(len(d.token_ids) for d in deltas)
-            if any(d.text for d in deltas):
-                arrivals.append(time.perf_counter())
-        return sample(t0, arrivals, n)
+    mode: str = ""
 
+    def __init__(self) -> None:
+        self.one: Callable[[], Awaitable[Sample]] | None = None
+        self._paused: list[int] = []
+
+    def engine_roots(self) -> list[int]:
+        """The processes whose descendants are the engine (stopped between turns)."""
+        return []
+
+    def engine_pids(self) -> list[int]:
+        return [p for root in self.engine_roots() for p in descendants(root)]
+
+    async def pause(self) -> None:
+        self._paused = self.engine_pids()
+        for pid in self._paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    async def resume(self) -> None:
+        for pid in self._paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._paused = []
+        await asyncio.sleep(0.5)
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+
+class EngineSubject(Subject):
+    """vLLM's AsyncLLM in this process, through the worker's engine adapter."""
+
+    mode = "engine"
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.engine: Any = None
+        self._own: list[int] = []
+
+    def engine_roots(self) -> list[int]:
+        return [os.getpid()]
+
+    def engine_pids(self) -> list[int]:
+        # Only the processes the engine started (serve and llmq are children of this one too).
+        return [p for root in self._own for p in (root, *descendants(root))]
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        from common.jobs import JobRequest, SamplingSpec
+        from common.settings import get_settings
+        from worker.engine import build_engine
+
+        settings = get_settings()
+        tok = AutoTokenizer.from_pretrained(settings.model_path)
+        text = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+        ids = tok.encode(text, add_special_tokens=False)
+        before = set(descendants(os.getpid()))
+        self.engine = build_engine(settings)
+        await self.engine.start()
+        mine = set(descendants(os.getpid())) - before
+        self._own = [p for p in mine if parent(p) not in mine]
+        spec = SamplingSpec(max_tokens=self.tokens, temperature=0.0, ignore_eos=True)
+        counter = 0
+        engine = self.engine
+
+        async def one() -> Sample:
+            nonlocal counter
+            counter += 1
+            t0 = time.perf_counter()
+            arrivals: list[float] = []
+            n = 0
+            async for deltas in engine.generate(f"bench-{counter}", JobRequest(prompt_token_ids=ids, sampling=spec)):
+                n += sum(len(d.token_ids) for d in deltas)
+                if any(d.text for d in deltas):
+                    arrivals.append(time.perf_counter())
+            return sample(t0, arrivals, n)
+
+        self.one = one
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+
+def parent(pid: int) -> int:
     try:
-        return await run_levels("engine", levels, rounds, requests, one)
-    finally:
-        await engine.shutdown()
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def sample(t0: float, arrivals: list[float], tokens: int, job_id: str | None = None, sent: float = 0.0) -> Sample:
@@ -251,59 +336,142 @@ def http_client(base_url: str, streams: int, tokens: int, model: str) -> tuple[A
     return http, one
 
 
-async def run_serve(levels: list[int], tokens: int, rounds: int, requests: int, log_dir: Path) -> list[Level]:
-    from vllm_serve import VllmServe
+class ServeSubject(Subject):
+    """vLLM's own OpenAI server (`vllm serve`); its engine core and workers pause."""
 
-    from common.settings import get_settings
+    mode = "serve"
 
-    server = VllmServe(log_path=log_dir / "vllm-serve.log")
-    print("  " + " ".join(server.command()[1:]), flush=True)
-    try:
-        await asyncio.to_thread(server.start)
-        http, one = http_client(server.url, max(levels), tokens, get_settings().model_name)
-        async with http:
-            return await run_levels("serve", levels, rounds, requests, one)
-    finally:
-        server.stop()
+    def __init__(self, streams: int, tokens: int, log_dir: Path) -> None:
+        super().__init__()
+        from vllm_serve import VllmServe
+
+        self.server = VllmServe(log_path=log_dir / "vllm-serve.log")
+        self.streams, self.tokens = streams, tokens
+        self.http: Any = None
+
+    def engine_roots(self) -> list[int]:
+        return [self.server.popen.pid] if self.server.popen is not None else []
+
+    async def start(self) -> None:
+        from common.settings import get_settings
+
+        print("  " + " ".join(self.server.command()[1:]), flush=True)
+        await asyncio.to_thread(self.server.start)
+        self.http, self.one = http_client(self.server.url, self.streams, self.tokens, get_settings().model_name)
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+        self.server.stop()
 
 
-async def run_llmq(
-    levels: list[int], tokens: int, rounds: int, requests: int, log_dir: Path, breakdown: bool
-) -> tuple[list[Level], dict[int, list[dict[str, float]]]]:
-    import redis
-    from stack import Stack, free_port
+class LlmqSubject(Subject):
+    """Redis + one Celery worker process + the API (scripts/stack.py); the worker's engine
+    core pauses (the worker process itself keeps its heartbeat and its broker connection)."""
 
-    from common import keys
-    from common.settings import get_settings
+    mode = "llmq"
 
-    model = get_settings().model_name
-    env = {"WORKER_SLOTS": os.environ["WORKER_SLOTS"]}
-    if breakdown:
-        env["BENCH_TIMING"] = "1"
-    stack = Stack(redis_port=free_port(), api_port=free_port(), flower_port=None, log_dir=log_dir, env=env)
-    stamps: dict[int, list[dict[str, float]]] = {}
-    try:
-        stack.start_redis()
-        stack.start_worker()
-        stack.start_api()
-        await asyncio.to_thread(stack.wait_ready, model, 1, 600)
-        http, one = http_client(stack.api_url, max(levels), tokens, model)
-        async with http:
-            results = await run_levels("llmq", levels, rounds, requests, one)
+    def __init__(self, streams: int, tokens: int, log_dir: Path, breakdown: bool) -> None:
+        super().__init__()
+        from stack import Stack, free_port
+
+        env = {"WORKER_SLOTS": os.environ["WORKER_SLOTS"]}
         if breakdown:
-            r = redis.Redis.from_url(stack.redis_url)
-            await asyncio.sleep(1.0)  # the last jobs' stamps are written after their end
-            for level in results:
-                rows = stamps.setdefault(level.streams, [])
+            env["BENCH_TIMING"] = "1"
+        self.stack = Stack(redis_port=free_port(), api_port=free_port(), flower_port=None, log_dir=log_dir, env=env)
+        self.streams, self.tokens = streams, tokens
+        self.http: Any = None
+
+    def engine_roots(self) -> list[int]:
+        return [p.popen.pid for p in self.stack.procs if p.name.startswith("worker") and p.popen.poll() is None]
+
+    async def start(self) -> None:
+        from common.settings import get_settings
+
+        model = get_settings().model_name
+        self.stack.start_redis()
+        self.stack.start_worker()
+        self.stack.start_api()
+        await asyncio.to_thread(self.stack.wait_ready, model, 1, 600)
+        self.http, self.one = http_client(self.stack.api_url, self.streams, self.tokens, model)
+
+    def stamps(self, levels: list[Level]) -> dict[int, list[dict[str, float]]]:
+        """The BENCH_TIMING stamps of every request of `levels`, per level."""
+        import redis
+
+        from common import keys
+
+        out: dict[int, list[dict[str, float]]] = {}
+        r = redis.Redis.from_url(self.stack.redis_url)
+        try:
+            for level in levels:
+                rows = out.setdefault(level.streams, [])
                 for s in (s for rnd in level.rounds for s in rnd.samples):
                     raw = r.hgetall(keys.job_timing(s.job_id)) if s.job_id else {}
                     got = {keys.text(k): float(v) for k, v in raw.items()}
                     got.update(sent=s.sent, client=s.first)
                     rows.append(got)
+        finally:
             r.close()
-        return results, stamps
+        return out
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+        self.stack.stop()
+
+
+async def run_all(
+    modes: list[str], levels: list[int], tokens: int, rounds: int, requests: int, log_dir: Path, breakdown: bool
+) -> tuple[dict[str, list[Level]], dict[int, list[dict[str, float]]]]:
+    """Start every subject, then run each level's rounds taking turns: round r runs the
+    subjects in order (r even) or in reverse (r odd), each alone on the machine (the others'
+    engines stopped), so a drift of the machine's speed during the run falls on all of
+    them alike rather than on whichever ran last."""
+    streams = max(levels)
+    subjects: list[Subject] = []
+    for mode in modes:
+        if mode == "engine":
+            subjects.append(EngineSubject(tokens))
+        elif mode == "serve":
+            subjects.append(ServeSubject(streams, tokens, log_dir))
+        else:
+            subjects.append(LlmqSubject(streams, tokens, log_dir, breakdown))
+    results: dict[str, list[Level]] = {s.mode: [] for s in subjects}
+    stamps: dict[int, list[dict[str, float]]] = {}
+    try:
+        for subject in subjects:
+            print(f"{TITLES[subject.mode]}: starting", flush=True)
+            await subject.start()
+            assert subject.one is not None
+            await subject.one()  # warm-up (the API's tokenizer, the first engine steps)
+            await subject.pause()
+        for n in levels:
+            by_mode = {s.mode: Level(s.mode, n) for s in subjects}
+            for r in range(rounds):
+                for subject in subjects if r % 2 == 0 else subjects[::-1]:
+                    level = by_mode[subject.mode]
+                    assert subject.one is not None
+                    await subject.resume()
+                    try:
+                        level.rounds.append(await closed_loop(n, requests, subject.one))
+                    except Exception as exc:  # a failed request spoils its round, not the run
+                        level.errors += 1
+                        print(f"  {subject.mode} {n} streams: a round failed: {exc!r}", flush=True)
+                    await subject.pause()
+            for subject in subjects:
+                print_level(by_mode[subject.mode])
+                results[subject.mode].append(by_mode[subject.mode])
+        for subject in subjects:
+            if isinstance(subject, LlmqSubject) and breakdown:
+                await asyncio.sleep(1.0)  # the last jobs' stamps are written after their end
+                stamps = subject.stamps(results["llmq"])
     finally:
-        stack.stop()
+        for subject in subjects:
+            await subject.resume()
+            with contextlib.suppress(Exception):
+                await subject.stop()
+    return results, stamps
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -447,18 +615,17 @@ def main() -> int:
         f"requests per stream, {args.tokens} tokens",
         flush=True,
     )
-    results: dict[str, list[Level]] = {}
-    stamps: dict[int, list[dict[str, float]]] = {}
-    for mode in (m for m in MODES if m in modes):
-        print(f"{TITLES[mode]}:", flush=True)
-        if mode == "engine":
-            results[mode] = asyncio.run(run_engine(levels, args.tokens, args.rounds, args.requests))
-        elif mode == "serve":
-            results[mode] = asyncio.run(run_serve(levels, args.tokens, args.rounds, args.requests, args.logs))
-        else:
-            results[mode], stamps = asyncio.run(
-                run_llmq(levels, args.tokens, args.rounds, args.requests, args.logs, not args.no_breakdown)
-            )
+    results, stamps = asyncio.run(
+        run_all(
+            [m for m in MODES if m in modes],
+            levels,
+            args.tokens,
+            args.rounds,
+            args.requests,
+            args.logs,
+            not args.no_breakdown,
+        )
+    )
     print()
     print(report(results, args.tokens, dtype))
     if stamps:
