@@ -18,7 +18,9 @@ streams got 187 503s from it with Redis healthy).
 from __future__ import annotations
 
 import ssl
-from typing import Any, cast
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 from urllib.parse import quote, unquote, urlparse
 
 import redis
@@ -26,16 +28,54 @@ import redis.asyncio as aioredis
 import redis.sentinel
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff, ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 from common.settings import Settings, get_settings
 
 RETRIES = 3
+# REDIS_RETRY_SECONDS unset, with REDIS_SENTINELS: a failover's length, and some.
+SENTINEL_RETRY_SECONDS = 15.0
+T = TypeVar("T")
 
 
-def retry_policy() -> Retry:
-    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), RETRIES, (ConnectionError, TimeoutError))
+def retry_policy(settings: Settings | None = None) -> Retry:
+    """The asyncio clients' retries of a command that could not reach Redis: three quick
+    ones, or for REDIS_RETRY_SECONDS (15 s with Sentinel, if unset), waits doubling from
+    50 ms to 1 s. Every script answers the same when run twice (common/jobstore.py), so a
+    retry after a lost reply is safe."""
+    s = settings or get_settings()
+    window = s.redis_retry_seconds
+    if window is None and s.sentinels:
+        window = SENTINEL_RETRY_SECONDS
+    if window is None:
+        return Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), RETRIES, (ConnectionError, TimeoutError))
+    return WindowRetry(window)
+
+
+class WindowRetry(Retry):
+    """Retries for a time rather than a count: a failed attempt is retried while the
+    window since the first one lasts (an attempt started inside it may end after it)."""
+
+    def __init__(self, window: float):
+        super().__init__(EqualJitterBackoff(base=0.05, cap=1.0), -1, (ConnectionError, TimeoutError))
+        self.window = window
+
+    async def call_with_retry(  # type: ignore[override]
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        deadline = time.monotonic() + self.window
+
+        async def bounded(error: Exception, *count: int) -> None:
+            await fail(error, *count)
+            if time.monotonic() >= deadline:
+                raise error
+
+        return await super().call_with_retry(do, bounded, is_retryable, with_failure_count)
 
 
 def tls_options(url: str, settings: Settings | None = None) -> dict[str, Any]:

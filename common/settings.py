@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     redis_sentinels: str = ""
     redis_sentinel_master: str = "mymaster"
     redis_sentinel_password: SecretStr | None = None
+    # How long a command that cannot reach Redis (connection refused, reset or timed out)
+    # is retried before the request fails with 503 "cannot reach Redis". Unset: about a
+    # third of a second (three quick retries), or 15 s with REDIS_SENTINELS, to ride out a
+    # failover (Sentinel's down-after-milliseconds plus its election) instead of answering
+    # 503 meanwhile.
+    redis_retry_seconds: float | None = Field(default=None, ge=0, le=300)
 
     # API keys and admission control (see api/auth.py, api/admission.py).
     # Bearer keys, comma-separated, and/or a file with one key per line. None configured:

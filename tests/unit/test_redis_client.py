@@ -5,10 +5,12 @@ tests/integration test_redis_tls.py, test_redis_sentinel.py)."""
 from __future__ import annotations
 
 import ssl
+import time
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from common.redis_client import broker_settings, uses_sentinel
+from common.redis_client import WindowRetry, broker_settings, retry_policy, uses_sentinel
 from common.settings import Settings
 
 OPTIONS = {"visibility_timeout": 60}
@@ -60,3 +62,42 @@ def test_sentinels_over_tls(tmp_path):
 def test_a_malformed_sentinel_list_is_a_settings_error(bad):
     with pytest.raises(ValueError, match="host:port"):
         Settings(redis_sentinels=bad)
+
+
+def test_retries_last_a_window_with_sentinel_or_redis_retry_seconds_and_three_without():
+    plain = retry_policy(Settings())
+    assert not isinstance(plain, WindowRetry) and plain._retries == 3
+    assert isinstance(retry_policy(Settings(redis_sentinels="s1:26379")), WindowRetry)
+    assert retry_policy(Settings(redis_sentinels="s1:26379")).window == 15.0
+    assert retry_policy(Settings(redis_retry_seconds=2)).window == 2
+
+
+@pytest.mark.asyncio
+async def test_a_window_retry_goes_on_until_the_window_has_passed():
+    """A command failing to reach Redis is tried again until the window ends, then fails
+    with the last error; one that gets through inside the window succeeds."""
+    failures: list[Exception] = []
+
+    async def fail(error: Exception) -> None:
+        failures.append(error)
+
+    async def never() -> str:
+        raise RedisConnectionError("refused")
+
+    retry = WindowRetry(0.6)
+    started = time.monotonic()
+    with pytest.raises(RedisConnectionError):
+        await retry.call_with_retry(never, fail)
+    assert time.monotonic() - started >= 0.6
+    assert len(failures) > 4  # past the three retries of the plain policy
+
+    attempts = 0
+
+    async def third_time() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise RedisConnectionError("refused")
+        return "ok"
+
+    assert await WindowRetry(5).call_with_retry(third_time, fail) == "ok" and attempts == 3
