@@ -412,7 +412,7 @@ class WorkerRuntime:
             self._cancelled.discard(job_id)
             self._lost.discard(job_id)
             if timing.ENABLED:
-                await timing.flush(self.redis, job_id)
+                timing.flush(self.redis, job_id)
 
     async def _attempt(self, job_id: str, attempt: int, record: JobRecord | None) -> dict[str, Any] | None:
         """Run a claimed attempt (`record`: as read with the claim); its outcome, or None

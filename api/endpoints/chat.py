@@ -559,8 +559,7 @@ class JobAdapter:
                     with anyio.CancelScope(shield=True):
                         await self.observe_queue_wait(job)
             if timing.ENABLED:
-                with anyio.CancelScope(shield=True):
-                    await timing.flush(self.pipeline.redis, job.id)
+                timing.flush(self.pipeline.redis, job.id)
 
     async def collect(self, job: JobView, subscription: Subscription | None, caller: Principal) -> dict[str, Any]:
         """Wait for the job to end; the `chat.completion` (`text_completion`). If the
