@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from api.templates import render_arguments
 from common import keys
 from common.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from common.heap import freeze_startup_heap
 from common.jobs import ModelCard
 from common.schemas import ChatCompletionRequest
 from common.workers import live_workers
@@ -143,6 +144,8 @@ class ModelCatalog:
         """Load each live model's tokenizer as soon as its worker registers, so no client
         request pays for it (importing transformers alone takes seconds)."""
         await asyncio.to_thread(auto_tokenizer)
+        # transformers' modules (some 300,000 objects) live as long as the process.
+        freeze_startup_heap("api")
         while True:
             try:
                 for card in (await self.live_models(fresh=True)).values():

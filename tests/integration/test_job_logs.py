@@ -254,3 +254,21 @@ def test_a_batchs_lines_name_their_batch_from_created_to_ended(stack):
         "n",
         "batch",
     )
+
+
+def test_the_api_and_the_worker_freeze_their_startup_heap(stack):
+    """Each process moves its start-up objects out of the garbage collector's sight once
+    up (common/heap.py): the API after its app and again after importing transformers
+    (some 400,000 objects in all on the real stack), the worker after its engine. A full
+    collection then walks only what was made since, instead of stalling every stream."""
+
+    def frozen(process: str, log: str, n: int) -> list[int] | None:
+        found = [r["objects"] for r in events(stack, log) if r["event"] == "heap.frozen" and r["process"] == process]
+        return found if len(found) >= n else None
+
+    # The API's second freeze comes after transformers is imported (the tokenizer warm-up).
+    api = wait(lambda: frozen("api", "api", 2), timeout=30)
+    worker = wait(lambda: frozen("worker", "worker1", 1), timeout=30)
+    assert api[-1] > api[0] > 10_000, api
+    assert api[-1] > 100_000, api  # transformers' modules among them
+    assert worker[0] > 10_000, worker
