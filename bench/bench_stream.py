@@ -154,16 +154,20 @@ def print_level(level: Level) -> None:
 # -- the three subjects -------------------------------------------------------------------
 
 
+def parent(pid: int) -> int:
+    """`pid`'s parent, from /proc (0: gone, or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (children, their children...), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
+        if entry.isdigit() and (ppid := parent(int(entry))):
             children.setdefault(ppid, []).append(int(entry))
     out: list[int] = []
     todo = list(children.get(pid, []))
@@ -225,9 +229,6 @@ class EngineSubject(Subject):
         self.engine: Any = None
         self._own: list[int] = []
 
-    def engine_roots(self) -> list[int]:
-        return [os.getpid()]
-
     def engine_pids(self) -> list[int]:
         # Only the processes the engine started (serve and llmq are children of this one too).
         return [p for root in self._own for p in (root, *descendants(root))]
@@ -269,14 +270,6 @@ class EngineSubject(Subject):
     async def stop(self) -> None:
         if self.engine is not None:
             await self.engine.shutdown()
-
-
-def parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def sample(t0: float, arrivals: list[float], tokens: int, job_id: str | None = None, sent: float = 0.0) -> Sample:

@@ -97,8 +97,8 @@ def take(job_id: str) -> dict[str, float]:
 
 def flush(redis: Any, job_id: str) -> None:
     """Write a job's stamps to its timing hash (and forget them here), in the background:
-    awaited at a stream's end, the write delayed the response's end by a round trip (50 ms
-    at the median under 64 streams), and with it the benchmark client's next request."""
+    awaited, the write put a Redis round trip before a benchmarked stream's end (and its
+    client's next request)."""
     stamps = take(job_id)
     if not stamps:
         return
