@@ -155,6 +155,8 @@ def chat_queue_entity(model: str) -> Queue:
 
 
 CHAT_TASK = "chat.completion"
+# One message for several jobs (a batch's lines: api.batches.runner); args: [[job id, ...]].
+CHAT_GROUP_TASK = "chat.group"
 # Broker priorities (Redis: lower is served first): interactive chat before batch lines.
 CHAT_PRIORITY = 0
 BATCH_PRIORITY = 9

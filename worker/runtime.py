@@ -136,6 +136,29 @@ class WorkerRuntime:
         """Run one job to its end; blocks the calling task thread, not the engine."""
         return self._call(self._run_job(job_id))
 
+    def run_jobs(self, job_ids: list[str], on_end: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Run a group of jobs together to their ends (`on_end` called as each ends); how
+        many ended each way (`run_job`'s status)."""
+        return self._call(self._run_jobs(job_ids, on_end))
+
+    async def _run_jobs(self, job_ids: list[str], on_end: Callable[[], None] | None) -> dict[str, Any]:
+        async def one(job_id: str) -> str:
+            try:
+                return str((await self._run_job(job_id)).get("status"))
+            finally:
+                if on_end is not None:
+                    on_end()
+
+        counts: dict[str, int] = {}
+        for job_id, outcome in zip(
+            job_ids, await asyncio.gather(*(one(j) for j in job_ids), return_exceptions=True), strict=True
+        ):
+            if isinstance(outcome, BaseException):
+                log.error("job %s of a group failed: %r", job_id, outcome, exc_info=outcome)
+                outcome = "error"
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return {"jobs": len(job_ids), "status": counts}
+
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 

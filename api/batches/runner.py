@@ -12,7 +12,8 @@ rather than polling.
 Lines go out in pipelined groups, as many as there are free slots (at most `GROUP`): a
 group is read, validated and tokenized ahead, its slots reserved in one script call, its
 job records written in one round trip, its Celery messages sent in one pipeline, and the
-high-water mark moved past it once they are out. Lines prepared but without a slot wait
+high-water mark moved past it once they are out (several lines a message: a worker
+takes them together). Lines prepared but without a slot wait
 in memory for the next turn (a restart prepares them again: every step is idempotent).
 
 A batch's state lives in Redis (record, `dispatched` high-water mark, per-status sets
@@ -73,6 +74,8 @@ RESTOP_SECONDS = 10.0
 COALESCE_SECONDS = 0.005
 # How long a model's batch capacity (from its live workers) is used before it is read again.
 CAPACITY_SECONDS = 1.0
+# The most lines in one Celery message (`JobQueue.submit_groups`).
+MESSAGE_LINES = 16
 
 # KEYS: the model's batch slots, BATCH_SLOT_SETS (lists the first). ARGV: capacity, job
 # id... How many of the jobs, in order, hold a slot (now, or already: a retried call or a line handed out again); it
@@ -165,7 +168,7 @@ class BatchRunner:
         self._wakeups: dict[str, asyncio.Event] = {}
         self._reserve = redis.register_script(_RESERVE)
         self._raise_handing = redis.register_script(_RAISE_HANDING)
-        self._capacities: dict[str, tuple[float, int]] = {}
+        self._capacities: dict[str, tuple[float, int, int]] = {}
         # Slot holders seen without a record at the last `prune_slots` pass.
         self._missing: set[str] = set()
         # The slot sets are listed in keys.BATCH_SLOT_SETS (by the reserving script); the
@@ -338,14 +341,22 @@ class BatchRunner:
     async def _capacity(self, model: str) -> int:
         """The model's batch slots: `BATCH_SLOT_SHARE` of its live workers' (read at most
         once every CAPACITY_SECONDS)."""
+        return (await self._model_slots(model))[0]
+
+    async def _model_slots(self, model: str) -> tuple[int, int]:
+        """The model's batch slots (`_capacity`), and how many lines go in one message: a
+        quarter of the smallest live worker's batch slots (at most MESSAGE_LINES), so a
+        turn's lines still spread over the workers."""
         cached = self._capacities.get(model)
         if cached is not None and time.monotonic() - cached[0] < CAPACITY_SECONDS:
-            return cached[1]
+            return cached[1], cached[2]
         workers = await live_workers(self.redis, self.settings.worker_ttl_seconds)
         share = self.settings.batch_slot_share
-        capacity = sum(max(1, int(w.slots * share)) for w in workers if w.model == model)
-        self._capacities[model] = (time.monotonic(), capacity)
-        return capacity
+        each = [max(1, int(w.slots * share)) for w in workers if w.model == model]
+        capacity = sum(each)
+        per_message = max(1, min(MESSAGE_LINES, min(each, default=1) // 4))
+        self._capacities[model] = (time.monotonic(), capacity, per_message)
+        return capacity, per_message
 
     async def _dispatch(self, batch: BatchObject, lines: _Lines) -> bool:
         """Hand out a group of lines, each once it holds a slot; True if any went out."""
@@ -451,7 +462,9 @@ class BatchRunner:
             if item.error is None and (code == 1 or item.record.id in resend):
                 to_send[item.record.model].append(item.record.id)
         for model, ids in to_send.items():
-            await self.pipeline.queue.submit_many(ids, model, keys.BATCH_PRIORITY)
+            per_message = (await self._model_slots(model))[1]
+            groups = [ids[i : i + per_message] for i in range(0, len(ids), per_message)]
+            await self.pipeline.queue.submit_groups(groups, model, keys.BATCH_PRIORITY)
         async with self.redis.pipeline(transaction=False) as pipe:
             for item, st in zip(again, statuses, strict=True):
                 if st is not None and (status := JobStatus(keys.text(st))).terminal:
