@@ -84,11 +84,14 @@ async def test_a_window_retry_goes_on_until_the_window_has_passed():
     async def never() -> str:
         raise RedisConnectionError("refused")
 
-    retry = WindowRetry(0.6)
+    # The waits after failures 1..4 are at most 0.1, 0.2, 0.4 and 0.8 s (doubling from 50
+    # ms, jittered down to half): within 1.5 s a fifth attempt has always been made. (With
+    # 0.6 s, long waits could end it at the fourth: seen failing.)
+    retry = WindowRetry(1.5)
     started = time.monotonic()
     with pytest.raises(RedisConnectionError):
         await retry.call_with_retry(never, fail)
-    assert time.monotonic() - started >= 0.6
+    assert time.monotonic() - started >= 1.5
     assert len(failures) > 4  # past the three retries of the plain policy
 
     attempts = 0
