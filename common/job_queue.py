@@ -214,8 +214,10 @@ class JobQueue:
         tasks = [(keys.CHAT_GROUP_TASK, g, f"group-{uuid.uuid4().hex}") for g in groups if len(g) > 1]
         if singles or tasks:
             await self._send(
-                lambda: (self._messages(singles, model, priority) if singles else [])
-                + (self._celery_tasks(tasks, model, priority) if tasks else [])
+                lambda: (
+                    (self._messages(singles, model, priority) if singles else [])
+                    + (self._celery_tasks(tasks, model, priority) if tasks else [])
+                )
             )
 
     async def _send(self, build: Callable[[], list[tuple[str, tuple[Any, ...]]]]) -> None:

@@ -82,9 +82,16 @@ CHAT = "/v1/chat/completions"
 class FakeQueue:
     def __init__(self):
         self.sent: list[str] = []
+        self.messages: list[list[str]] = []
 
     async def submit_many(self, job_ids, model, priority):
         self.sent += job_ids
+        self.messages += [[j] for j in job_ids]
+
+    async def submit_groups(self, groups, model, priority):
+        for group in groups:
+            self.sent += group
+            self.messages.append(list(group))
 
 
 class FakePipeline:
@@ -106,7 +113,8 @@ def runner_on(redis):
     runner = object.__new__(BatchRunner)
     runner.redis = redis
     runner.pipeline = FakePipeline(JobStore(redis, 3600))
-    runner.settings = SimpleNamespace(job_ttl_seconds=3600)
+    runner.settings = SimpleNamespace(job_ttl_seconds=3600, worker_ttl_seconds=30, batch_slot_share=0.75)
+    runner._capacities = {}
     runner._raise_handing = redis.register_script(_RAISE_HANDING)
     runner._slot_sets_seeded = False
     return runner
@@ -219,3 +227,38 @@ async def test_pruning_walks_the_listed_slot_sets_not_the_keyspace(redis):
     await runner.prune_slots()
     assert await held(redis) == set()
     assert scans == 1
+
+
+async def test_a_group_of_lines_goes_out_several_to_a_message(redis):
+    """A batch's lines go out several to a Celery message (issue 12: a message each cost
+    the worker about half its CPU a line), a quarter of the smallest live worker's batch
+    slots to a message (here 16 and 32 slots at a 0.75 share: 12 // 4 = 3), at most
+    MESSAGE_LINES; an invalid line sends nothing."""
+    import time
+    from types import SimpleNamespace
+
+    from api.batches.runner import MESSAGE_LINES, _Line
+    from common.errors import InvalidRequestError
+    from common.jobs import WorkerInfo
+
+    for name, slots in (("w1", 16), ("w2", 32)):
+        info = WorkerInfo(id=name, model="m", slots=slots, started=time.time())
+        await redis.set(keys.worker(name), info.model_dump_json())
+        await redis.zadd(keys.WORKERS, {name: time.time()})
+    runner = runner_on(redis)
+    batch = SimpleNamespace(id="batch_grouped", endpoint=CHAT)
+    records = lines_of(batch.id, 9, failed={4})
+    group = [_Line(i, r, InvalidRequestError("bad") if i == 4 else None) for i, r in enumerate(records)]
+    await runner._hand_out(batch, group)
+    valid = [r.id for i, r in enumerate(records) if i != 4]
+    assert runner.pipeline.queue.messages == [valid[0:3], valid[3:6], valid[6:8]]
+    # A big worker alone: at most MESSAGE_LINES a message.
+    await redis.delete(keys.WORKERS)
+    info = WorkerInfo(id="big", model="m", slots=1024, started=time.time())
+    await redis.set(keys.worker("big"), info.model_dump_json())
+    await redis.zadd(keys.WORKERS, {"big": time.time()})
+    runner = runner_on(redis)
+    batch = SimpleNamespace(id="batch_big", endpoint=CHAT)
+    records = lines_of(batch.id, 40)
+    await runner._hand_out(batch, [_Line(i, r) for i, r in enumerate(records)])
+    assert [len(m) for m in runner.pipeline.queue.messages] == [MESSAGE_LINES, MESSAGE_LINES, 8]

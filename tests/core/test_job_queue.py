@@ -108,3 +108,44 @@ async def test_messages_made_from_a_template_are_celerys(redis, redis_url):
         assert _decoded(first) == _decoded(queue._celery_messages(["chatcmpl-other"], "other", keys.CHAT_PRIORITY))
     finally:
         await queue.aclose()
+
+
+async def test_groups_go_out_as_one_message_each(redis, redis_url):
+    """`submit_groups` (a batch's lines): one Celery message a group, the group task with
+    the job ids as its argument, in one round trip; a group of one is an ordinary job
+    message. A Celery consumer reads them as any message, with a task-sent event each."""
+    r = redis_lib.Redis.from_url(redis_url)
+    events = r.pubsub()
+    events.psubscribe("*celeryev*")
+    events.get_message(timeout=1)
+    queue = JobQueue(redis_url, 120)
+    try:
+        groups = [[f"chatcmpl-g{i}-{k}" for k in range(3)] for i in range(2)] + [["chatcmpl-alone"]]
+        await queue.submit_groups(groups, "m", keys.BATCH_PRIORITY)
+    finally:
+        await queue.aclose()
+    sent = []
+    while (message := events.get_message(timeout=0.5)) is not None:
+        if message["type"] == "pmessage":
+            sent.append(json.loads(message["data"]))
+    assert len(sent) == 3
+    received: list[tuple[str, str, object]] = []
+    with Connection(redis_url, transport="common.broker:Transport") as conn:
+        consumer = Consumer(
+            conn.channel(),
+            queues=[keys.chat_queue_entity("m")],
+            callbacks=[lambda body, m: received.append((m.headers["task"], m.headers["id"], body[0][0]))],
+            accept=["json"],
+        )
+        consumer.qos(prefetch_count=16)
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        consumer.cancel()
+    by_task = sorted((task, arg) for task, _, arg in received)
+    assert by_task == [
+        (keys.CHAT_TASK, "chatcmpl-alone"),
+        (keys.CHAT_GROUP_TASK, groups[0]),
+        (keys.CHAT_GROUP_TASK, groups[1]),
+    ]
+    # Each group has a task id of its own (Flower lists them apart).
+    assert len({task_id for _, task_id, _ in received}) == 3
