@@ -61,6 +61,7 @@ _runtime: WorkerRuntime | None = None
 # A group message's jobs count against the prefetch (worker/prefetch.py).
 group_prefetch = GroupPrefetch()
 signals.task_received.connect(group_prefetch.received, weak=False)
+signals.task_revoked.connect(group_prefetch.revoked, weak=False)
 
 
 def get_runtime() -> WorkerRuntime:

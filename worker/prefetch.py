@@ -45,6 +45,11 @@ class GroupPrefetch:
         """The group's task has ended: the prefetch it still held goes back."""
         self._give_back(task_id, None)
 
+    def revoked(self, request: Any = None, **_: Any) -> None:
+        """A task revoked before it ran (an operator, in Flower): a group's prefetch back."""
+        if request is not None:
+            self.done(request.id)
+
     def held(self) -> int:
         with self._lock:
             return sum(self._held.values())

@@ -64,3 +64,10 @@ def test_a_malformed_group_changes_nothing():
     groups.received(sender=c, request=SimpleNamespace(id="g", name=keys.CHAT_GROUP_TASK, args=["not-a-list"]))
     groups.received(sender=c, request=request("g1", keys.CHAT_GROUP_TASK, "only"))
     assert c.qos.value == 8 and groups.held() == 0
+
+
+def test_a_group_revoked_before_it_ran_gives_its_prefetch_back():
+    c, groups = consumer(8), GroupPrefetch()
+    groups.received(sender=c, request=request("g1", keys.CHAT_GROUP_TASK, "a", "b", "c"))
+    groups.revoked(request=SimpleNamespace(id="g1"))  # Celery's task_revoked: the task's context
+    assert c.qos.value == 8 and groups.held() == 0
