@@ -106,6 +106,11 @@ def group_rss_mb(pgid: int) -> float:
     return total / 1024
 
 
+def phases(result: dict[str, float]) -> str:
+    """When the batch was first seen in each status, seconds from the upload's start."""
+    return ", ".join(f"{k[5:-2]} at {v:.1f} s" for k, v in result.items() if k.startswith("seen_"))
+
+
 def run_stack_batch(
     lines: int,
     tokens: int,
@@ -156,9 +161,12 @@ def run_stack_batch(
         rss["uploaded"] = group_rss_mb(api)
         batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
         running = 0.0
+        # When each status was first seen (s from the upload's start; polled every 0.1 s).
+        seen = {batch.status: time.monotonic() - t0}
         while batch.status not in ("completed", "failed", "cancelled", "expired"):
-            time.sleep(0.5)
+            time.sleep(0.1)
             batch = client.batches.retrieve(batch.id)
+            seen.setdefault(batch.status, time.monotonic() - t0)
             if batch.status == "validating":
                 continue
             rss.setdefault("validated", group_rss_mb(api))
@@ -182,6 +190,7 @@ def run_stack_batch(
             "lines_per_s": lines / wall,
             "tokens_per_s": lines * tokens / wall,
             "run_s": (batch.finalizing_at or 0) - (batch.in_progress_at or 0),
+            **{f"seen_{status}_s": at for status, at in seen.items()},
             **{f"cpu_ms_per_line_{name}": 1000 * c / lines for name, c in cpu.items()},
             **{f"rss_{k}": v for k, v in rss.items()},
         }
@@ -257,7 +266,7 @@ def main() -> int:
     if not args.skip_fake:
         print(f"orchestration ceiling: {args.fake_lines} lines, fake engine, {args.workers} worker(s) ...", flush=True)
         fake = run_stack_batch(args.fake_lines, 16, "fake", args.slots, args.logs, workers=args.workers)
-        print(f"  {fake['lines_per_s']:.1f} lines/s ({fake['wall_s']:.1f} s)", flush=True)
+        print(f"  {fake['lines_per_s']:.1f} lines/s ({fake['wall_s']:.1f} s; {phases(fake)})", flush=True)
         rows.append((f"stack, fake engine, {args.workers} worker(s)", fake, 16))
     memory: dict[str, float] | None = None
     if not args.skip_memory:
