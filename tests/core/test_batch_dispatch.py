@@ -108,7 +108,7 @@ class FakePipeline:
 def runner_on(redis):
     from types import SimpleNamespace
 
-    from api.batches.runner import _RAISE_HANDING, BatchRunner
+    from api.batches.runner import _RAISE_HANDING, _RESERVE, BatchRunner
 
     runner = object.__new__(BatchRunner)
     runner.redis = redis
@@ -116,6 +116,7 @@ def runner_on(redis):
     runner.settings = SimpleNamespace(job_ttl_seconds=3600, worker_ttl_seconds=30, batch_slot_share=0.75)
     runner._capacities = {}
     runner._raise_handing = redis.register_script(_RAISE_HANDING)
+    runner._reserve = redis.register_script(_RESERVE)
     runner._slot_sets_seeded = False
     return runner
 
@@ -262,3 +263,65 @@ async def test_a_group_of_lines_goes_out_several_to_a_message(redis):
     records = lines_of(batch.id, 40)
     await runner._hand_out(batch, [_Line(i, r) for i, r in enumerate(records)])
     assert [len(m) for m in runner.pipeline.queue.messages] == [MESSAGE_LINES, MESSAGE_LINES, 8]
+
+
+async def test_a_turn_hands_out_lines_prepared_earlier_before_it_prepares_more(redis):
+    """Preparing lines (validation, chat template, tokenizer) is the slow part of a turn: a
+    turn woken by lines ending sends the lines it prepared before, then prepares the next
+    ones while those run, up to a capacity's worth beyond the free slots (issue 12; before,
+    it prepared exactly the free slots' worth, then sent them)."""
+    import time
+    from types import SimpleNamespace
+
+    from api.batches.runner import FIRST_GROUP, _Line, _Lines
+    from common.jobs import WorkerInfo
+
+    info = WorkerInfo(id="w", model="m", slots=64, started=time.time())  # 48 batch slots
+    await redis.set(keys.worker("w"), info.model_dump_json())
+    await redis.zadd(keys.WORKERS, {"w": time.time()})
+    runner = runner_on(redis)
+    batch = SimpleNamespace(id="batch_ahead", endpoint=CHAT)
+    records = lines_of(batch.id, 200)
+    events: list[str] = []
+
+    async def live_models():
+        return {}
+
+    runner.chat = SimpleNamespace(catalog=SimpleNamespace(live_models=live_models))
+
+    async def prepare(batch, index, line):
+        events.append("prepare")
+        return _Line(index, records[index])
+
+    runner._prepare = prepare
+    sent = runner.pipeline.queue.submit_groups
+
+    async def submit_groups(groups, model, priority):
+        events.append("send")
+        await sent(groups, model, priority)
+
+    runner.pipeline.queue.submit_groups = submit_groups
+    lines = object.__new__(_Lines)
+    lines.held, lines.eof, lines.model = [], False, None
+    source = iter(range(len(records)))
+
+    async def read(n):
+        items = [(i, None) for _, i in zip(range(n), source, strict=False)]
+        lines.eof = len(items) < n
+        return items
+
+    lines.read = read
+    # The first turn knows no model yet: it prepares a first group and sends it.
+    assert await runner._dispatch(batch, lines)
+    assert len(runner.pipeline.queue.sent) == FIRST_GROUP
+    # The next turn fills the free slots, and prepares a capacity's worth more.
+    assert await runner._dispatch(batch, lines)
+    assert len(runner.pipeline.queue.sent) == 48
+    assert len(lines.held) == 48
+    # Two lines end: the turn sends two lines prepared before, then prepares two more.
+    await redis.srem(SLOTS, records[0].id, records[1].id)
+    events.clear()
+    assert await runner._dispatch(batch, lines)
+    assert events == ["send", "prepare", "prepare"]
+    assert runner.pipeline.queue.sent[48:] == [records[48].id, records[49].id]
+    assert len(lines.held) == 48
