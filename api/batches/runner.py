@@ -347,8 +347,8 @@ class BatchRunner:
 
     async def _model_slots(self, model: str) -> tuple[int, int]:
         """The model's batch slots (`_capacity`), and how many lines go in one message: a
-        quarter of the smallest live worker's batch slots (at most MESSAGE_LINES), so a
-        turn's lines still spread over the workers."""
+        quarter of the smallest live worker's batch slots, rounded up (at most
+        MESSAGE_LINES), so a turn's lines still spread over the workers."""
         cached = self._capacities.get(model)
         if cached is not None and time.monotonic() - cached[0] < CAPACITY_SECONDS:
             return cached[1], cached[2]
@@ -356,7 +356,7 @@ class BatchRunner:
         share = self.settings.batch_slot_share
         each = [max(1, int(w.slots * share)) for w in workers if w.model == model]
         capacity = sum(each)
-        per_message = max(1, min(MESSAGE_LINES, min(each, default=1) // 4))
+        per_message = max(1, min(MESSAGE_LINES, -(-min(each, default=1) // 4)))
         self._capacities[model] = (time.monotonic(), capacity, per_message)
         return capacity, per_message
 

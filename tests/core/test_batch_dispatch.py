@@ -233,8 +233,8 @@ async def test_pruning_walks_the_listed_slot_sets_not_the_keyspace(redis):
 async def test_a_group_of_lines_goes_out_several_to_a_message(redis):
     """A batch's lines go out several to a Celery message (issue 12: a message each cost
     the worker about half its CPU a line), a quarter of the smallest live worker's batch
-    slots to a message (here 16 and 32 slots at a 0.75 share: 12 // 4 = 3), at most
-    MESSAGE_LINES; an invalid line sends nothing."""
+    slots to a message, rounded up (here 16 and 32 slots at a 0.75 share: 12 / 4 = 3; 8
+    slots: 6 / 4 -> 2), at most MESSAGE_LINES; an invalid line sends nothing."""
     import time
     from types import SimpleNamespace
 
@@ -253,6 +253,15 @@ async def test_a_group_of_lines_goes_out_several_to_a_message(redis):
     await runner._hand_out(batch, group)
     valid = [r.id for i, r in enumerate(records) if i != 4]
     assert runner.pipeline.queue.messages == [valid[0:3], valid[3:6], valid[6:8]]
+    # A small worker joins: 6 batch slots, 2 lines a message.
+    info = WorkerInfo(id="w3", model="m", slots=8, started=time.time())
+    await redis.set(keys.worker("w3"), info.model_dump_json())
+    await redis.zadd(keys.WORKERS, {"w3": time.time()})
+    runner = runner_on(redis)
+    batch = SimpleNamespace(id="batch_small", endpoint=CHAT)
+    records = lines_of(batch.id, 5)
+    await runner._hand_out(batch, [_Line(i, r) for i, r in enumerate(records)])
+    assert [len(m) for m in runner.pipeline.queue.messages] == [2, 2, 1]
     # A big worker alone: at most MESSAGE_LINES a message.
     await redis.delete(keys.WORKERS)
     info = WorkerInfo(id="big", model="m", slots=1024, started=time.time())

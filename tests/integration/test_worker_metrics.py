@@ -280,7 +280,9 @@ def test_flower_broker_page_lists_each_model_queue_by_priority_with_its_depth(fl
 
     assert broker_page(s) == {queue: "0", interactive: "0", batch: "0"}
 
-    k, b = 7, 3
+    # b batch lines go out two to a message (a worker of 8 slots: 6 batch slots, a quarter
+    # of them rounded up): the broker holds (and Flower lists) messages, not lines.
+    k, b, b_messages = 7, 3, 2
     worker = s.proc("worker1").popen.pid
     os.kill(worker, signal.SIGSTOP)
     try:
@@ -310,11 +312,11 @@ def test_flower_broker_page_lists_each_model_queue_by_priority_with_its_depth(fl
         ).id
         # The state: every message in the broker's lists (the batch runner hands lines out
         # in the background).
-        assert wait_for(lambda: r.llen(queue) == k and r.llen(batch_list) == b, timeout=60), (
+        assert wait_for(lambda: r.llen(queue) == k and r.llen(batch_list) == b_messages, timeout=60), (
             r.llen(queue),
             r.llen(batch_list),
         )
-        assert broker_page(s) == {queue: str(k + b), interactive: str(k), batch: str(b)}
+        assert broker_page(s) == {queue: str(k + b_messages), interactive: str(k), batch: str(b_messages)}
     finally:
         os.kill(worker, signal.SIGCONT)
 
@@ -333,4 +335,6 @@ def test_flower_broker_page_lists_each_model_queue_by_priority_with_its_depth(fl
         for sample in family.samples
         if sample.name == "flower_events_total"
     }
-    assert events.get(("task-succeeded", keys.CHAT_TASK), 0) >= k + b
+    # A task a message: the jobs and the lone line as chat.completion, the pair as chat.group.
+    assert events.get(("task-succeeded", keys.CHAT_TASK), 0) >= k + 1
+    assert events.get(("task-succeeded", keys.CHAT_GROUP_TASK), 0) >= 1
