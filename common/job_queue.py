@@ -2,7 +2,8 @@
 with it, and the reaper (in API processes and workers) re-queues those of lost workers.
 
 It sends the task by name, so nothing here imports the worker's code; the job id is both
-the task id and its only argument.
+the task id and its only argument (a group of a batch's lines: `chat.group`, whose only
+argument is the list of their job ids).
 """
 
 from __future__ import annotations
