@@ -23,6 +23,7 @@ import time
 import redis.asyncio as aioredis
 
 from api.auth import Principal
+from api.refreshed import Refreshed
 from common import keys
 from common.errors import OverloadedError, RateLimitError
 from common.settings import Settings
@@ -40,7 +41,9 @@ class Admission:
         self.settings = settings
         self.redis = redis
         self.cache_seconds = cache_seconds
-        self._slots: dict[str, tuple[float, int]] = {}
+        # The live workers' slots per model: up to `cache_seconds` old as they are, up to
+        # a heartbeat more with a read in the background (no request waits for it).
+        self._slots = Refreshed(self._read_slots, cache_seconds, max(cache_seconds, 5.0), name="live slots")
 
     async def count_request(self, principal: Principal) -> dict[str, str]:
         """Count a chat request against its key's per-minute limit: the `x-ratelimit-*`
@@ -71,13 +74,17 @@ class Admission:
         """How many interactive jobs `model` may have waiting."""
         if self.settings.max_queued_jobs:
             return self.settings.max_queued_jobs
-        now = time.monotonic()
-        cached = self._slots.get(model)
-        if cached is None or now - cached[0] > self.cache_seconds:
-            workers = await live_workers(self.redis, self.settings.worker_ttl_seconds)
-            cached = (now, sum(w.slots for w in workers if w.model == model))
-            self._slots[model] = cached
-        return max(MIN_DEFAULT_WAITING, WAITING_PER_SLOT * cached[1])
+        slots = (await self._slots.get()).get(model, 0)
+        return max(MIN_DEFAULT_WAITING, WAITING_PER_SLOT * slots)
+
+    async def _read_slots(self) -> dict[str, int]:
+        slots: dict[str, int] = {}
+        for w in await live_workers(self.redis, self.settings.worker_ttl_seconds):
+            slots[w.model] = slots.get(w.model, 0) + w.slots
+        return slots
+
+    async def aclose(self) -> None:
+        await self._slots.aclose()
 
     async def drain_rate(self, model: str) -> float:
         """Jobs of `model` started per second over the last minute."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from api.refreshed import Refreshed
 from api.templates import render_arguments
 from common import keys
 from common.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
@@ -75,15 +76,21 @@ class ModelCatalog:
         self.redis = redis
         self.worker_ttl = worker_ttl_seconds
         self.cache_seconds = cache_seconds
-        self._live: tuple[float, dict[str, ModelCard]] | None = None
+        # Up to `cache_seconds` old the live models are taken as they are; up to a
+        # heartbeat later than that, too, with a read in the background (no request
+        # waits for it; `keep_warm` reads them every 2 s anyway). A model that no live
+        # worker has any more may so be taken for a moment longer: its jobs wait in the
+        # queue, as those of a worker that died without a word do for `worker_ttl`.
+        self._live = Refreshed(self._read_live, cache_seconds, max(cache_seconds, 5.0), name="live models")
         self._tokenizers: dict[str, ChatTokenizer] = {}
         self._loading: dict[str, asyncio.Task[ChatTokenizer]] = {}
         self._dir = tempfile.TemporaryDirectory(prefix="llmq-tokenizers-")
 
     async def live_models(self, fresh: bool = False) -> dict[str, ModelCard]:
+        return await self._live.get(fresh)
+
+    async def _read_live(self) -> dict[str, ModelCard]:
         now = time.time()
-        if not fresh and self._live and now - self._live[0] < self.cache_seconds:
-            return self._live[1]
         names = {w.model for w in await live_workers(self.redis, self.worker_ttl)}
         models: dict[str, ModelCard] = {}
         if names:
@@ -92,7 +99,6 @@ class ModelCatalog:
             models = {n: ModelCard.model_validate_json(c) for n, c in zip(ordered, cards, strict=True) if c}
         # Forget workers long gone so the set stays small.
         await self.redis.zremrangebyscore(keys.WORKERS, "-inf", now - 10 * self.worker_ttl)
-        self._live = (now, models)
         return models
 
     async def get(self, name: str) -> tuple[ModelCard, ChatTokenizer]:
@@ -137,7 +143,7 @@ class ModelCatalog:
         return await asyncio.to_thread(ChatTokenizer, folder)
 
     def ready_models(self, names: list[str]) -> list[str]:
-        cards = self._live[1] if self._live else {}
+        cards = self._live.value or {}
         return [n for n in names if n in cards and cards[n].tokenizer_digest in self._tokenizers]
 
     async def keep_warm(self, interval: float = 2.0) -> None:
@@ -153,6 +159,10 @@ class ModelCatalog:
             except Exception as exc:  # Redis down, or a bundle not there yet: next round
                 log.debug("tokenizer warm-up: %s", exc)
             await asyncio.sleep(interval)
+
+    async def aclose(self) -> None:
+        await self._live.aclose()
+        self.close()
 
     def close(self) -> None:
         self._dir.cleanup()

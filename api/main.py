@@ -92,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runner.stop()
             await relay.stop()
             await queue.aclose()
-            catalog.close()
+            await catalog.aclose()
+            await pipeline.aclose()
             await redis.aclose()
             forget_dead_processes(include_self=True)
 
