@@ -24,7 +24,7 @@ TTL_SECONDS = 3600
 # The stamps a streaming chat job gets, in the order it passes them (`sent` and `client`
 # are the benchmark client's own: it sent the request; its first content chunk arrived).
 STAMPS = (
-    "sent", "arrived", "submit", "admitted", "prepared", "subscribed", "recorded", "queued",
+    "sent", "arrived", "submit", "admitted", "prepared", "recorded", "subscribed", "queued",
     "received", "task", "loop", "claimed", "engine_in", "engine_first", "publish", "published",
     "relayed", "sse", "client",
 )  # fmt: skip
@@ -37,9 +37,9 @@ STAGES: tuple[tuple[str, str, str, str], ...] = (
     ("http+validate", "arrived", "submit", "api: ASGI middlewares, body parse and validation, the key"),
     ("admission", "submit", "admitted", "api: the key's request count and a look at the queue (Redis)"),
     ("template+tokenize", "admitted", "prepared", "api: model card, chat template, tokenizer (thread)"),
-    ("subscribe", "prepared", "subscribed", "api: queue limit, channel subscribed on the relay"),
-    ("record write", "subscribed", "recorded", "api: admission script storing the record, job.created log"),
-    ("celery hop", "recorded", "received", "Celery message sent, through Redis to the worker's consumer"),
+    ("record write", "prepared", "recorded", "api: admission script storing the record, job.created log"),
+    ("subscribe", "recorded", "subscribed", "api: the rest of the channel's subscription (made during the write)"),
+    ("celery hop", "subscribed", "received", "Celery message sent, through Redis to the worker's consumer"),
     ("pool dispatch", "received", "task", "worker: consumer hands the task to a slot thread, which starts it"),
     ("hand-off", "task", "loop", "worker: slot thread to the engine loop"),
     ("claim", "loop", "claimed", "worker: the claim script (lease)"),
@@ -49,7 +49,7 @@ STAGES: tuple[tuple[str, str, str, str], ...] = (
     ("relay", "publish", "relayed", "Redis pub/sub to the API's relay"),
     ("sse", "relayed", "sse", "api: reader, chunk rendering, SSE write"),
     ("client", "sse", "client", "socket to the client's first content chunk"),
-    ("(celery send)", "recorded", "queued", "api: apply_async until it returns (overlaps the hop)"),
+    ("(celery send)", "subscribed", "queued", "api: the message's send until it returns (overlaps the hop)"),
     ("(publish RTT)", "publish", "published", "worker: the publish pipeline's round trip (overlaps relay)"),
 )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import anyio
@@ -145,28 +145,45 @@ class JobPipeline:
         `job.created` log line."""
         max_waiting = await self.admission.queue_limit(record.model)
         max_active = self.settings.max_concurrent_jobs_per_key
-        subscription = await self.relay.subscribe(keys.job_channel(record.id)) if follow else None
-        if timing.ENABLED and follow:
-            timing.stamp(record.id, "subscribed")
+        # The channel is subscribed while the record is written (two round trips at once,
+        # not one after the other): `enqueue` waits for the subscription before it sends
+        # the job's message, so no worker can publish an event before it (a third of a
+        # millisecond of every first token at one stream, and more in a burst).
+        subscribing = asyncio.create_task(self._subscribe(record.id), name="subscribe") if follow else None
         try:
-            code, count = await self.enqueue(record, priority, limits=(max_waiting, max_active), log_fields=log_fields)
+            code, count = await self.enqueue(
+                record, priority, limits=(max_waiting, max_active), log_fields=log_fields, before_send=subscribing
+            )
             if code < 0:
                 limit = max_waiting if code == -1 else max_active
                 raise await self.admission.refusal(record.model, code, count, limit, headers or {})
+            subscription = await subscribing if subscribing is not None else None
         except RateLimitError:
-            if subscription is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.relay.unsubscribe(subscription)
+            with anyio.CancelScope(shield=True):
+                await self._drop_subscription(subscribing)
             raise
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                if subscription is not None:
-                    await self.relay.unsubscribe(subscription)
+                await self._drop_subscription(subscribing)
                 await self.cancel(record.id, quiet=True)
             if isinstance(exc, RedisError):
                 raise ServiceUnavailableError("cannot reach Redis") from exc
             raise
         return subscription
+
+    async def _subscribe(self, job_id: str) -> Subscription:
+        return await self.relay.subscribe(keys.job_channel(job_id))
+
+    async def _drop_subscription(self, subscribing: asyncio.Task[Subscription] | None) -> None:
+        """Undo the subscription made (or being made: it is waited for, not cancelled,
+        so that the relay is left as it was) for a job that is not going ahead."""
+        if subscribing is None:
+            return
+        try:
+            subscription = await subscribing
+        except Exception:  # it failed: nothing to undo
+            return
+        await self.relay.unsubscribe(subscription)
 
     async def look(self, model: str, headers: dict[str, str] | None = None) -> None:
         """A cheap look at the model's queue before a request is even validated, so that
@@ -221,11 +238,13 @@ class JobPipeline:
         ttl: int | None = None,
         limits: tuple[int, int] = (0, 0),
         log_fields: dict[str, Any] | None = None,
+        before_send: Awaitable[Any] | None = None,
     ) -> tuple[int, int]:
         """Store a job (unless its id exists: a batch line handed out again, or it is
         refused by `limits`: the most jobs waiting for its model, and queued or running
-        for its owner) and send its message. Answers what `JobStore.create` does. Should
-        sending fail after the record was written, the sweeper sends it later."""
+        for its owner) and send its message, once `before_send` (the subscription to
+        its channel) is done. Answers what `JobStore.create` does. Should sending fail
+        after the record was written, the sweeper sends it later."""
         if record.deadline is None:
             record.deadline = record.created + self.settings.queue_timeout_seconds
         code, count = await self.store.create(record, ttl, *limits)
@@ -247,6 +266,10 @@ class JobPipeline:
         if code == 1 or (code == 0 and await self.store.status(record.id) == JobStatus.queued):
             if timing.ENABLED and record.options.stream:
                 timing.stamp(record.id, "recorded")
+            if before_send is not None:
+                await before_send
+                if timing.ENABLED and record.options.stream:
+                    timing.stamp(record.id, "subscribed")
             await self.messages.send(record.id, record.model, priority)
             if timing.ENABLED and record.options.stream:
                 timing.stamp(record.id, "queued")
