@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -37,12 +38,21 @@ MIN_DEFAULT_WAITING = 64
 
 
 class Admission:
-    def __init__(self, settings: Settings, redis: aioredis.Redis, cache_seconds: float = 2.0):
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        cache_seconds: float = 2.0,
+        live_slots: Callable[[str], Awaitable[int]] | None = None,
+    ):
         self.settings = settings
         self.redis = redis
         self.cache_seconds = cache_seconds
-        # The live workers' slots per model: up to `cache_seconds` old as they are, up to
-        # a heartbeat more with a read in the background (no request waits for it).
+        # The live workers' slots of a model: `live_slots` (the API's model catalog, which
+        # reads them with the live models), or read here: up to `cache_seconds` old as
+        # they are, up to a heartbeat more with a read in the background (no request
+        # waits for it).
+        self._live_slots = live_slots
         self._slots = Refreshed(self._read_slots, cache_seconds, max(cache_seconds, 5.0), name="live slots")
 
     async def count_request(self, principal: Principal) -> dict[str, str]:
@@ -74,7 +84,10 @@ class Admission:
         """How many interactive jobs `model` may have waiting."""
         if self.settings.max_queued_jobs:
             return self.settings.max_queued_jobs
-        slots = (await self._slots.get()).get(model, 0)
+        if self._live_slots is not None:
+            slots = await self._live_slots(model)
+        else:
+            slots = (await self._slots.get()).get(model, 0)
         return max(MIN_DEFAULT_WAITING, WAITING_PER_SLOT * slots)
 
     async def _read_slots(self) -> dict[str, int]:

@@ -72,34 +72,44 @@ class ChatTokenizer:
 
 
 class ModelCatalog:
-    def __init__(self, redis: aioredis.Redis, worker_ttl_seconds: float, cache_seconds: float = 1.0):
+    def __init__(self, redis: aioredis.Redis, worker_ttl_seconds: float, cache_seconds: float = 3.0):
         self.redis = redis
         self.worker_ttl = worker_ttl_seconds
         self.cache_seconds = cache_seconds
-        # Up to `cache_seconds` old the live models are taken as they are; up to a
-        # heartbeat later than that, too, with a read in the background (no request
-        # waits for it; `keep_warm` reads them every 2 s anyway). A model that no live
-        # worker has any more may so be taken for a moment longer: its jobs wait in the
-        # queue, as those of a worker that died without a word do for `worker_ttl`.
+        # The live models (and their workers' slots, for admission): `keep_warm` reads
+        # them every 2 s, so a request finds them under `cache_seconds` old and takes them
+        # as they are; older (no `keep_warm`, or it is late), up to a heartbeat more, too,
+        # with a read in the background. No request waits for them (at a request every
+        # second or two, each waited on four round trips for them; issue 12). A model that
+        # no live worker has any more may so be taken for a few seconds more: its jobs
+        # wait in the queue, as those of a worker that died without a word do for
+        # `worker_ttl`.
         self._live = Refreshed(self._read_live, cache_seconds, max(cache_seconds, 5.0), name="live models")
         self._tokenizers: dict[str, ChatTokenizer] = {}
         self._loading: dict[str, asyncio.Task[ChatTokenizer]] = {}
         self._dir = tempfile.TemporaryDirectory(prefix="llmq-tokenizers-")
 
     async def live_models(self, fresh: bool = False) -> dict[str, ModelCard]:
-        return await self._live.get(fresh)
+        return (await self._live.get(fresh))[0]
 
-    async def _read_live(self) -> dict[str, ModelCard]:
+    async def live_slots(self, model: str) -> int:
+        """The batch slots of `model`'s live workers, all together."""
+        return (await self._live.get())[1].get(model, 0)
+
+    async def _read_live(self) -> tuple[dict[str, ModelCard], dict[str, int]]:
         now = time.time()
-        names = {w.model for w in await live_workers(self.redis, self.worker_ttl)}
+        workers = await live_workers(self.redis, self.worker_ttl)
+        slots: dict[str, int] = {}
+        for w in workers:
+            slots[w.model] = slots.get(w.model, 0) + w.slots
         models: dict[str, ModelCard] = {}
-        if names:
-            ordered = sorted(names)
+        if slots:
+            ordered = sorted(slots)
             cards = await self.redis.mget([keys.model_card(n) for n in ordered])
             models = {n: ModelCard.model_validate_json(c) for n, c in zip(ordered, cards, strict=True) if c}
         # Forget workers long gone so the set stays small.
         await self.redis.zremrangebyscore(keys.WORKERS, "-inf", now - 10 * self.worker_ttl)
-        return models
+        return models, slots
 
     async def get(self, name: str) -> tuple[ModelCard, ChatTokenizer]:
         models = await self.live_models()
@@ -143,7 +153,7 @@ class ModelCatalog:
         return await asyncio.to_thread(ChatTokenizer, folder)
 
     def ready_models(self, names: list[str]) -> list[str]:
-        cards = self._live.value or {}
+        cards = self._live.value[0] if self._live.value else {}
         return [n for n in names if n in cards and cards[n].tokenizer_digest in self._tokenizers]
 
     async def keep_warm(self, interval: float = 2.0) -> None:

@@ -83,17 +83,19 @@ end
 
 # KEYS: job, queued, the model's waiting jobs, the owner's active jobs. ARGV: ttl, next
 # check, job id, now, interactive (1/0), max waiting, max active (0: no limit), field,
-# value, ... Writes a new record: {1, 0}; or nothing: {0, 0} if it exists (a batch line
-# handed out again), {-1, waiting} if the model has too many interactive jobs waiting,
-# {-2, active} if the owner has too many interactive jobs queued or running. Admission
-# and writing are one step, so a burst cannot slip past a limit.
+# value, ... Writes a new record: {1, waiting} (an interactive job under a waiting
+# limit: the model's waiting jobs with it; else 0); or nothing: {0, 0} if it exists (a
+# batch line handed out again), {-1, waiting} if the model has too many interactive jobs
+# waiting, {-2, active} if the owner has too many interactive jobs queued or running.
+# Admission and writing are one step, so a burst cannot slip past a limit.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0} end
 local interactive = ARGV[5] == '1'
+local waiting = -1
 if interactive then
   local max_waiting, max_active = tonumber(ARGV[6]), tonumber(ARGV[7])
   if max_waiting > 0 then
-    local waiting = redis.call('ZCARD', KEYS[3])
+    waiting = redis.call('ZCARD', KEYS[3])
     if waiting >= max_waiting then return {-1, waiting} end
   end
   if max_active > 0 then
@@ -110,9 +112,10 @@ if redis.call('HGET', KEYS[1], 'status') == 'queued' then
     redis.call('EXPIRE', KEYS[3], ARGV[1])
     redis.call('SADD', KEYS[4], ARGV[3])
     redis.call('EXPIRE', KEYS[4], ARGV[1])
+    if waiting >= 0 then waiting = waiting + 1 end
   end
 end
-return {1, 0}
+return {1, math.max(waiting, 0)}
 """
 
 # KEYS: job, leases, queued, the model's waiting jobs, the model's starts in this time
@@ -346,8 +349,9 @@ class JobStore:
     ) -> tuple[int, int]:
         """Store a new job (queued jobs also enter the QUEUED index; interactive ones, not
         a batch's lines, the model's waiting jobs and the owner's active jobs). Answers
-        (1, 0) if stored, (0, 0) if a record with its id exists already (it is left as it
-        is); or, for an interactive job, (-1, waiting) when its model has `max_waiting`
+        (1, waiting) if stored (with `max_waiting`, the model's waiting jobs, this one
+        among them; else 0), (0, 0) if a record with its id exists already (it is left as
+        it is); or, for an interactive job, (-1, waiting) when its model has `max_waiting`
         jobs waiting, (-2, active) when its owner has `max_active` jobs queued or running
         (nothing written; 0: no limit)."""
         code, count = await self._create(*self._create_call(record, ttl, max_waiting, max_active))

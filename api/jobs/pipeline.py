@@ -34,10 +34,6 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# How long `look` trusts a count of a model's waiting jobs that was under half the limit
-# (older, it is still used, while the count is read again in the background).
-LOOK_CACHE_SECONDS = 0.1
-
 
 class JobNotFoundError(NotFoundError):
     default_code = "job_not_found"
@@ -122,11 +118,9 @@ class JobPipeline:
         self.queue = queue
         self.messages = MessageGroups(queue)
         self.reader = JobReader(redis, self.store, relay)
-        # `look`'s last count of each model's waiting jobs: (monotonic time, count, limit);
-        # the models counted in the background now, and those counts' tasks.
-        self._looked: dict[str, tuple[float, int, int]] = {}
-        self._counting: set[str] = set()
-        self._background: set[asyncio.Task[Any]] = set()
+        # `look`'s last count of each model's waiting jobs (a look's, or a submit's: the
+        # admission script answers it), and the limit then: (count, limit).
+        self._looked: dict[str, tuple[int, int]] = {}
 
     async def submit(
         self,
@@ -154,6 +148,8 @@ class JobPipeline:
             code, count = await self.enqueue(
                 record, priority, limits=(max_waiting, max_active), log_fields=log_fields, before_send=subscribing
             )
+            if code in (1, -1) and max_waiting:
+                self._looked[record.model] = (count, max_waiting)
             if code < 0:
                 limit = max_waiting if code == -1 else max_active
                 raise await self.admission.refusal(record.model, code, count, limit, headers or {})
@@ -188,48 +184,22 @@ class JobPipeline:
     async def look(self, model: str, headers: dict[str, str] | None = None) -> None:
         """A cheap look at the model's queue before a request is even validated, so that
         a burst past the limit is refused at the cost of one Redis command (`submit`'s
-        script decides, atomically)."""
-        now = time.monotonic()
+        script decides, atomically). The count kept is the last look's or the last
+        submit's (the script answers it): far from the limit (under half), it is used as
+        it is, with no round trip (one a request cost about 4% of the API's CPU under
+        load, and a third of a millisecond of every first token at one stream); near or
+        at the limit, it is read again every time."""
         last = self._looked.get(model)
-        if last is not None and last[1] < last[2] // 2:
-            # Last counted far from the limit: no round trip (under load one a request
-            # cost about 4% of the API's CPU). Counted over LOOK_CACHE_SECONDS ago: counted
-            # again in the background, for the requests after this one (waiting for it
-            # was a third of a millisecond of every first token at one stream). `submit`
-            # still decides atomically.
-            if now - last[0] >= LOOK_CACHE_SECONDS and model not in self._counting:
-                self._counting.add(model)
-                task = asyncio.create_task(self._count_waiting(model, now, background=True), name="look")
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+        if last is not None and last[0] < last[1] // 2:
             return
-        waiting, max_waiting = await self._count_waiting(model, now)
+        max_waiting = await self.admission.queue_limit(model)
+        waiting = await self.redis.zcard(keys.waiting(model))
+        self._looked[model] = (waiting, max_waiting)
         if waiting >= max_waiting:
             raise await self.admission.refusal(model, -1, waiting, max_waiting, headers or {})
 
     async def aclose(self) -> None:
-        """Cancel the counts still running in the background, and the admission's reads."""
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
         await self.admission.aclose()
-
-    async def _count_waiting(self, model: str, now: float, background: bool = False) -> tuple[int, int]:
-        """The model's waiting jobs and their limit, kept for `look`. In the background, a
-        failure is kept quiet: the next look counts again, and waits for it."""
-        try:
-            max_waiting = await self.admission.queue_limit(model)
-            waiting = await self.redis.zcard(keys.waiting(model))
-        except Exception:
-            if not background:
-                raise
-            self._looked.pop(model, None)
-            return 0, 0
-        finally:
-            if background:
-                self._counting.discard(model)
-        self._looked[model] = (now, waiting, max_waiting)
-        return waiting, max_waiting
 
     async def enqueue(
         self,

@@ -1,17 +1,14 @@
 """`JobPipeline.look`, the API's cheap look at a model's queue before it validates a
-request, on a real Redis: it reads the count of waiting jobs at most every
-LOOK_CACHE_SECONDS while that count is far from the limit (a round trip a request was
-about 4% of the API's CPU under load, issue 12), and every time near or at the limit, so
-that a full queue is refused at once and an emptied one is seen at once; a count far from
-the limit that has lapsed is read again in the background, without making a request wait."""
+request, on a real Redis: far from the limit (under half) the count it keeps (a look's,
+or what the last submit's admission script answered) is used with no round trip (one a
+request was about 4% of the API's CPU under load, issue 12); near or at the limit it
+reads the count every time, so that a full queue is refused at once and an emptied one
+is seen at once."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from api.jobs import pipeline as pipeline_module
 from api.jobs.pipeline import JobPipeline
 from common import keys
 from common.errors import RateLimitError
@@ -32,7 +29,6 @@ def pipeline_on(redis) -> tuple[JobPipeline, list[str]]:
     p.redis = redis
     p.admission = Admission()
     p._looked = {}
-    p._counting, p._background = set(), set()
     reads: list[str] = []
     zcard = redis.zcard
 
@@ -50,8 +46,7 @@ async def fill(redis, n: int) -> None:
         await redis.zadd(keys.waiting("m"), {f"job-{i}": i for i in range(n)})
 
 
-async def test_far_from_the_limit_one_read_serves_a_burst(redis, monkeypatch):
-    monkeypatch.setattr(pipeline_module, "LOOK_CACHE_SECONDS", 60.0)
+async def test_far_from_the_limit_one_read_serves_a_burst(redis):
     p, reads = pipeline_on(redis)
     await fill(redis, 2)
     for _ in range(20):
@@ -59,8 +54,7 @@ async def test_far_from_the_limit_one_read_serves_a_burst(redis, monkeypatch):
     assert len(reads) == 1
 
 
-async def test_near_or_at_the_limit_every_look_reads(redis, monkeypatch):
-    monkeypatch.setattr(pipeline_module, "LOOK_CACHE_SECONDS", 60.0)
+async def test_near_or_at_the_limit_every_look_reads(redis):
     p, reads = pipeline_on(redis)
     await fill(redis, 5)  # half the limit: near it
     await p.look("m")
@@ -69,26 +63,23 @@ async def test_near_or_at_the_limit_every_look_reads(redis, monkeypatch):
     await fill(redis, 10)
     with pytest.raises(RateLimitError):
         await p.look("m")
-    # Emptied: seen at the next look, not after the cache time.
+    # Emptied: seen at the next look.
     await fill(redis, 0)
     await p.look("m")
     assert len(reads) == 4
 
 
-async def test_a_lapsed_count_far_from_the_limit_is_read_again_without_waiting(redis, monkeypatch):
-    """Older than LOOK_CACHE_SECONDS, a count far from the limit is used once more while
-    it is read again in the background: the request does not wait for the round trip,
-    and the looks after it see the queue as it is now."""
-    monkeypatch.setattr(pipeline_module, "LOOK_CACHE_SECONDS", 0.0)
+async def test_a_count_far_from_the_limit_is_kept_until_a_submit_says_otherwise(redis):
+    """A stale count far from the limit lets a request through to validation (the
+    admission script still refuses it, atomically); the count that script answers
+    (`submit` keeps it) makes the next look read again."""
     p, reads = pipeline_on(redis)
     await fill(redis, 0)
     await p.look("m")
-    assert len(reads) == 1
     await fill(redis, 10)
     await p.look("m")  # not refused: the count it had was far from the limit
-    assert p._background, "no count started in the background"
-    await asyncio.gather(*p._background)
-    assert len(reads) == 2 and p._looked["m"][1] == 10
+    assert len(reads) == 1
+    p._looked["m"] = (10, 10)  # as `submit` keeps a refusal's count (tests/core/test_submit_subscription.py)
     with pytest.raises(RateLimitError):
         await p.look("m")
-    assert len(reads) == 3
+    assert len(reads) == 2

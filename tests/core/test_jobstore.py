@@ -253,8 +253,9 @@ async def active(redis, owner: str) -> set[str]:
 async def test_admission_refuses_past_the_model_queue_limit_and_writes_nothing(redis):
     store = JobStore(redis, 3600)
     first, second, third = job(owner="k1"), job(owner="k2"), job(owner="k1")
-    assert await store.create(first, max_waiting=2) == (1, 0)
-    assert await store.create(second, max_waiting=2) == (1, 0)
+    # Stored: with the model's waiting jobs now (`look` keeps the count).
+    assert await store.create(first, max_waiting=2) == (1, 1)
+    assert await store.create(second, max_waiting=2) == (1, 2)
     assert await store.create(third, max_waiting=2) == (-1, 2)
     assert await store.get(third.id) is None and await redis.zscore(keys.QUEUED, third.id) is None
     assert await waiting(redis) == {first.id, second.id}
@@ -264,7 +265,7 @@ async def test_admission_refuses_past_the_model_queue_limit_and_writes_nothing(r
     assert await waiting(redis) == {first.id, second.id}
     # Once one starts, there is room again.
     assert await store.claim(first.id, first.model, "w1", new_claim_token(), 10) == 1
-    assert await store.create(third, max_waiting=2) == (1, 0)
+    assert await store.create(third, max_waiting=2) == (1, 2)
 
 
 async def test_admission_refuses_past_the_owner_limit_until_one_ends(redis):

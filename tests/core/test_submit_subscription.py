@@ -49,7 +49,7 @@ async def relay(redis_url):
 
 
 def pipeline(redis, relay, **settings) -> tuple[JobPipeline, RecordingQueue]:
-    s = Settings(max_queued_jobs=100, **settings)
+    s = Settings(**({"max_queued_jobs": 100} | settings))
     queue = RecordingQueue(redis)
     return JobPipeline(s, redis, relay, queue, Admission(s, redis)), queue  # type: ignore[arg-type]
 
@@ -91,4 +91,20 @@ async def test_a_refused_job_leaves_no_subscription(redis, relay):
         await asyncio.sleep(0.02)
     assert channels == {keys.job_channel(first.id)}
     assert relay.open_streams == 1
+    await p.aclose()
+
+
+async def test_submits_keep_the_waiting_count_for_the_look(redis, relay):
+    """The admission script answers the model's waiting jobs; `submit` keeps that count,
+    so `look` needs no round trip of its own while the queue is far from full, and reads
+    again once a submit has seen it fill (MAX_QUEUED_JOBS 4 here)."""
+    p, _ = pipeline(redis, relay, max_queued_jobs=4)
+    for n in (1, 2, 3, 4):
+        await p.submit(job(), follow=False)
+        assert p._looked["m"] == (n, 4)
+    with pytest.raises(RateLimitError):
+        await p.submit(job(), follow=False)
+    assert p._looked["m"] == (4, 4)
+    with pytest.raises(RateLimitError):
+        await p.look("m")  # at the limit: read, and refused before validation
     await p.aclose()
