@@ -131,10 +131,14 @@ class StreamRelay:
 
     async def subscribe(self, channel: str, timeout: float = 5.0) -> Subscription:
         """A new reader of `channel`; several readers of one channel share its subscription."""
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError as exc:
-            raise ServiceUnavailableError("cannot reach Redis") from exc
+        # (asyncio.timeout, not wait_for: on Python 3.11 wait_for made a task each time,
+        # and swallowed a cancellation that came as the wait ended.)
+        if not self._ready.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError as exc:
+                raise ServiceUnavailableError("cannot reach Redis") from exc
         assert self._pubsub is not None
         sub = Subscription(channel, self.buffer_events)
         readers = self._subs.setdefault(channel, set())
@@ -150,10 +154,24 @@ class StreamRelay:
                 self._to_unsubscribe.discard(channel)
                 self._to_subscribe.add(channel)
                 self._kick()
-            await asyncio.wait_for(asyncio.shield(confirmed), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(confirmed)
         except (RedisError, OSError, TimeoutError) as exc:
             self._drop(sub)
             raise ServiceUnavailableError("cannot subscribe to the job's stream") from exc
+        except asyncio.CancelledError:
+            # The caller went away while the channel was being subscribed (a client that
+            # left just as its stream resumed): its reader goes, and with the channel's
+            # last reader the channel, as `unsubscribe` does. Before, both stayed for good:
+            # the reader listed as an open stream, the channel subscribed.
+            if self._drop(sub):
+                self._to_subscribe.discard(channel)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.cancel()  # no one else waits for it: they would be readers
+                if self._pubsub is not None:
+                    self._to_unsubscribe.add(channel)
+                    self._kick()
+            raise
         finally:
             if confirmed is not None and confirmed.done():
                 self._confirm.pop(channel, None)

@@ -67,3 +67,32 @@ async def test_a_channel_left_and_joined_in_one_turn_stays_subscribed(redis, red
         assert (await asyncio.wait_for(joined.get(), 5)).seq == 3
     finally:
         await relay.stop()
+
+
+async def test_a_subscription_cancelled_before_it_is_confirmed_leaves_nothing(redis, redis_url):
+    """A caller cancelled while its channel is being subscribed (a client that leaves as
+    its stream resumes): no reader stays listed, the channel does not stay subscribed, and
+    the channel can be subscribed again."""
+    relay = StreamRelay(redis_url, buffer_events=8)
+    await relay.start()
+    try:
+        await relay.subscribe("llmq:test:warm")  # connected
+        for turns in (1, 2, 3):  # cancelled before the SUBSCRIBE went out, or after
+            task = asyncio.create_task(relay.subscribe("llmq:test:gone"))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            assert not task.done(), turns
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert relay.open_streams == 1, turns  # the warm-up reader only
+            for _ in range(100):
+                if b"llmq:test:gone" not in await redis.pubsub_channels("llmq:test:gone"):
+                    break
+                await asyncio.sleep(0.02)
+            assert await redis.pubsub_channels("llmq:test:gone") == [], turns
+        again = await asyncio.wait_for(relay.subscribe("llmq:test:gone"), 5)
+        assert await redis.publish("llmq:test:gone", ChunkEvent(seq=1, kind="delta").encode()) == 1
+        assert (await asyncio.wait_for(again.get(), 5)).seq == 1
+    finally:
+        await relay.stop()
