@@ -23,8 +23,16 @@ T = TypeVar("T")
 
 
 class Refreshed(Generic[T]):
-    def __init__(self, read: Callable[[], Awaitable[T]], fresh: float, stale: float, name: str = "value"):
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[T]],
+        fresh: float,
+        stale: float,
+        name: str = "value",
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._read = read
+        self._clock = clock
         self.fresh = fresh
         self.stale = max(stale, fresh)
         self.name = name
@@ -40,7 +48,7 @@ class Refreshed(Generic[T]):
         """The value: as kept if it is younger than `fresh` seconds; as kept, with a read
         started in the background, if it is younger than `stale`; else (or with `fresh`)
         read now."""
-        now = time.monotonic()
+        now = self._clock()
         kept = self._value
         if not fresh and kept is not None:
             age = now - kept[0]
@@ -54,7 +62,7 @@ class Refreshed(Generic[T]):
 
     async def read(self) -> T:
         """Read the value now, and keep it."""
-        started = time.monotonic()
+        started = self._clock()
         value = await self._read()
         # A read that started before the kept one (a slow background read) does not
         # replace a newer value.

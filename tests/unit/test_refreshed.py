@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 
-from api import refreshed as refreshed_module
 from api.refreshed import Refreshed
 
 pytestmark = pytest.mark.asyncio
@@ -40,15 +39,17 @@ class Source:
 
 
 @pytest.fixture
-def clock(monkeypatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(refreshed_module.time, "monotonic", c.monotonic)
-    return c
+def clock() -> Clock:
+    return Clock()
+
+
+def refreshed(src: Source, clock: Clock) -> Refreshed[int]:
+    return Refreshed(src.read, fresh=1.0, stale=5.0, clock=clock.monotonic)
 
 
 async def test_fresh_value_is_used_without_a_read(clock):
     src = Source()
-    r = Refreshed(src.read, fresh=1.0, stale=5.0)
+    r = refreshed(src, clock)
     assert await r.get() == 1
     clock.now += 0.5
     assert await r.get() == 1
@@ -57,7 +58,7 @@ async def test_fresh_value_is_used_without_a_read(clock):
 
 async def test_stale_value_is_used_and_read_again_in_the_background(clock):
     src = Source()
-    r = Refreshed(src.read, fresh=1.0, stale=5.0)
+    r = refreshed(src, clock)
     assert await r.get() == 1
     clock.now += 2.0
     src.gate = asyncio.Event()
@@ -76,7 +77,7 @@ async def test_stale_value_is_used_and_read_again_in_the_background(clock):
 
 async def test_too_old_absent_or_fresh_asked_is_waited_for(clock):
     src = Source()
-    r = Refreshed(src.read, fresh=1.0, stale=5.0)
+    r = refreshed(src, clock)
     assert r.value is None
     assert await r.get() == 1
     clock.now += 6.0
@@ -87,7 +88,7 @@ async def test_too_old_absent_or_fresh_asked_is_waited_for(clock):
 
 async def test_a_failed_background_read_is_quiet_and_the_value_ages_out(clock):
     src = Source()
-    r = Refreshed(src.read, fresh=1.0, stale=5.0)
+    r = refreshed(src, clock)
     await r.get()
     src.fail = True
     clock.now += 2.0
@@ -101,7 +102,7 @@ async def test_a_failed_background_read_is_quiet_and_the_value_ages_out(clock):
 
 async def test_a_slow_background_read_does_not_replace_a_newer_value(clock):
     src = Source()
-    r = Refreshed(src.read, fresh=1.0, stale=5.0)
+    r = refreshed(src, clock)
     await r.get()
     clock.now += 2.0
     gate = src.gate = asyncio.Event()
