@@ -24,11 +24,9 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 
 from api.auth import Principal
-from api.refreshed import Refreshed
 from common import keys
 from common.errors import OverloadedError, RateLimitError
 from common.settings import Settings
-from common.workers import live_workers
 
 MAX_RETRY_AFTER = 120
 DRAIN_WINDOW_SECONDS = 60
@@ -38,22 +36,12 @@ MIN_DEFAULT_WAITING = 64
 
 
 class Admission:
-    def __init__(
-        self,
-        settings: Settings,
-        redis: aioredis.Redis,
-        cache_seconds: float = 2.0,
-        live_slots: Callable[[str], Awaitable[int]] | None = None,
-    ):
+    def __init__(self, settings: Settings, redis: aioredis.Redis, live_slots: Callable[[str], Awaitable[int]]):
         self.settings = settings
         self.redis = redis
-        self.cache_seconds = cache_seconds
-        # The live workers' slots of a model: `live_slots` (the API's model catalog, which
-        # reads them with the live models), or read here: up to `cache_seconds` old as
-        # they are, up to a heartbeat more with a read in the background (no request
-        # waits for it).
+        # The live workers' slots of a model, all together: the API's model catalog reads
+        # them with the live models and keeps them fresh (no request waits for them).
         self._live_slots = live_slots
-        self._slots = Refreshed(self._read_slots, cache_seconds, max(cache_seconds, 5.0), name="live slots")
 
     async def count_request(self, principal: Principal) -> dict[str, str]:
         """Count a chat request against its key's per-minute limit: the `x-ratelimit-*`
@@ -84,20 +72,7 @@ class Admission:
         """How many interactive jobs `model` may have waiting."""
         if self.settings.max_queued_jobs:
             return self.settings.max_queued_jobs
-        if self._live_slots is not None:
-            slots = await self._live_slots(model)
-        else:
-            slots = (await self._slots.get()).get(model, 0)
-        return max(MIN_DEFAULT_WAITING, WAITING_PER_SLOT * slots)
-
-    async def _read_slots(self) -> dict[str, int]:
-        slots: dict[str, int] = {}
-        for w in await live_workers(self.redis, self.settings.worker_ttl_seconds):
-            slots[w.model] = slots.get(w.model, 0) + w.slots
-        return slots
-
-    async def aclose(self) -> None:
-        await self._slots.aclose()
+        return max(MIN_DEFAULT_WAITING, WAITING_PER_SLOT * await self._live_slots(model))
 
     async def drain_rate(self, model: str) -> float:
         """Jobs of `model` started per second over the last minute."""

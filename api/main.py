@@ -94,7 +94,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await relay.stop()
             await queue.aclose()
             await catalog.aclose()
-            await pipeline.aclose()
             await redis.aclose()
             forget_dead_processes(include_self=True)
 

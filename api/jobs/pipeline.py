@@ -143,7 +143,9 @@ class JobPipeline:
         # not one after the other): `enqueue` waits for the subscription before it sends
         # the job's message, so no worker can publish an event before it (a third of a
         # millisecond of every first token at one stream, and more in a burst).
-        subscribing = asyncio.create_task(self._subscribe(record.id), name="subscribe") if follow else None
+        subscribing = (
+            asyncio.create_task(self.relay.subscribe(keys.job_channel(record.id)), name="subscribe") if follow else None
+        )
         try:
             code, count = await self.enqueue(
                 record, priority, limits=(max_waiting, max_active), log_fields=log_fields, before_send=subscribing
@@ -166,9 +168,6 @@ class JobPipeline:
                 raise ServiceUnavailableError("cannot reach Redis") from exc
             raise
         return subscription
-
-    async def _subscribe(self, job_id: str) -> Subscription:
-        return await self.relay.subscribe(keys.job_channel(job_id))
 
     async def _drop_subscription(self, subscribing: asyncio.Task[Subscription] | None) -> None:
         """Undo the subscription made (or being made: it is waited for, not cancelled,
@@ -197,9 +196,6 @@ class JobPipeline:
         self._looked[model] = (waiting, max_waiting)
         if waiting >= max_waiting:
             raise await self.admission.refusal(model, -1, waiting, max_waiting, headers or {})
-
-    async def aclose(self) -> None:
-        await self.admission.aclose()
 
     async def enqueue(
         self,

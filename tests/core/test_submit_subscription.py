@@ -51,7 +51,11 @@ async def relay(redis_url):
 def pipeline(redis, relay, **settings) -> tuple[JobPipeline, RecordingQueue]:
     s = Settings(**({"max_queued_jobs": 100} | settings))
     queue = RecordingQueue(redis)
-    return JobPipeline(s, redis, relay, queue, Admission(s, redis)), queue  # type: ignore[arg-type]
+
+    async def no_slots(model: str) -> int:
+        return 0
+
+    return JobPipeline(s, redis, relay, queue, Admission(s, redis, no_slots)), queue  # type: ignore[arg-type]
 
 
 async def test_the_message_goes_out_only_once_the_channel_is_subscribed(redis, relay):
@@ -73,7 +77,6 @@ async def test_the_message_goes_out_only_once_the_channel_is_subscribed(redis, r
     # And the reader gets what a worker publishes.
     assert all(s is not None for s in subs)
     assert keys.job_channel(records[0].id) == subs[0].channel  # type: ignore[union-attr]
-    await p.aclose()
 
 
 async def test_a_refused_job_leaves_no_subscription(redis, relay):
@@ -91,7 +94,6 @@ async def test_a_refused_job_leaves_no_subscription(redis, relay):
         await asyncio.sleep(0.02)
     assert channels == {keys.job_channel(first.id)}
     assert relay.open_streams == 1
-    await p.aclose()
 
 
 async def test_submits_keep_the_waiting_count_for_the_look(redis, relay):
@@ -107,4 +109,3 @@ async def test_submits_keep_the_waiting_count_for_the_look(redis, relay):
     assert p._looked["m"] == (4, 4)
     with pytest.raises(RateLimitError):
         await p.look("m")  # at the limit: read, and refused before validation
-    await p.aclose()
