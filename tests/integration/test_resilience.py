@@ -263,8 +263,18 @@ async def test_keepalive_comments_and_unknown_jobs(rstack):
     failed a request whose answer it was (seen: 1 of 64 with `vllm bench serve`)."""
     wait_workers(rstack, 1)
     async with httpx.AsyncClient(base_url=rstack.api_url, timeout=60) as h:
-        # In the background: leaving its create stream does not cancel it.
-        body = {"model": MODEL, "messages": STORY, "max_tokens": 800, "stream": True, "background": True}
+        # In the background: leaving its create stream does not cancel it. It must outlast
+        # both 7 s windows by far: with 800 tokens (10 s at the fake engine's pace) it
+        # once ended under 3 s into the resume window, before the first ping (seen in CI).
+        # Cancelled at the end.
+        body = {
+            "model": MODEL,
+            "messages": STORY,
+            "max_tokens": 4000,
+            "ignore_eos": True,
+            "stream": True,
+            "background": True,
+        }
 
         async def comments_within(method: str, url: str, seconds: float, **kw) -> tuple[int, str | None]:
             comments, job_id = 0, None
@@ -282,6 +292,8 @@ async def test_keepalive_comments_and_unknown_jobs(rstack):
         assert created == 0 and job_id
         resumed, _ = await comments_within("GET", f"/v1/chat/completions/{job_id}/stream", 7)
         assert resumed >= 1
+        cancelled = await h.post(f"/v1/chat/completions/{job_id}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
         resp = await h.get("/v1/chat/completions/chatcmpl-unknown/stream")
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "job_not_found"
 
