@@ -22,7 +22,12 @@ The script that pops them also records them as unacknowledged (as kombu's QoS do
 one MULTI/EXEC round trip a message: about 18% of a worker's time under a batch's
 lines), so a consumer that dies before handing them all on leaves them to be restored
 after the visibility timeout; a reply lost mid-way loses them as a lost BRPOP reply does,
-and the job sweeper sends them again.
+and the job sweeper sends them again. The message BRPOP brought is recorded by that same
+script, after it has been handed on: kombu records it first, a round trip between every
+job's message and its start (and one more round trip each time the consumer wakes). A
+consumer that dies in between leaves that one message unrecorded, as a lost BRPOP reply
+would: its job is still queued, and the sweeper sends it again. One acknowledged before
+the script ran (a job already over) is not recorded at all.
 
 With late acks, a job running when Redis goes away holds an unacknowledged message from
 the old connection. kombu 5.7 crashes the worker on it twice over ("'NoneType' object
@@ -46,7 +51,7 @@ from typing import Any
 from kombu.transport import redis
 from kombu.transport.virtual import base
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
@@ -58,23 +63,35 @@ class QoS(redis.QoS):
         self._acks = _Acks()
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        recorded = self.channel._recorded
+        channel = self.channel
+        recorded = channel._recorded
         if delivery_tag in recorded:
             # Already recorded in Redis by the script that popped it (`_POP_MORE`).
             recorded.discard(delivery_tag)
             base.QoS.append(self, message, delivery_tag)
             return
+        if channel._deferring:
+            # The message a BRPOP brought: recorded by the script that runs once it has
+            # been handed on (`Channel._brpop_read`).
+            base.QoS.append(self, message, delivery_tag)
+            info = message.delivery_info
+            with channel._unrecorded_lock:
+                channel._unrecorded[delivery_tag] = dumps([message._raw, info["exchange"], info["routing_key"]])
+            return
         super().append(message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        self._forget(delivery_tag)
+        if not self.channel._drop_unrecorded(delivery_tag):
+            self._forget(delivery_tag)
         base.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
+            self.channel._record_unrecorded()
             super().reject(delivery_tag, requeue=True)
             return
-        self._forget(delivery_tag)
+        if not self.channel._drop_unrecorded(delivery_tag):
+            self._forget(delivery_tag)
         base.QoS.ack(self, delivery_tag)
 
     def _forget(self, delivery_tag: str) -> None:
@@ -183,14 +200,19 @@ class CapturedBatch(redis.PublishBatch):
 POP_MORE_MAX = 15
 
 # KEYS: the unacknowledged messages' index and hash (kombu's `unacked_index`, `unacked`),
-# then a consumer's queue lists, in the order BRPOP reads them. ARGV: how many; the time.
-# Pops up to that many messages, the first lists first, and records each as
-# unacknowledged as kombu's QoS.append does (its tag in the index at that time; in the
-# hash, [message, exchange, routing key]), in the same script: a consumer that dies
-# before it has handed them on leaves them to be restored like any unacknowledged
-# message. Answers key, message, recorded (1, or 0: not a message with a delivery tag,
-# left to kombu), key, message, recorded...
+# then a consumer's queue lists, in the order BRPOP reads them. ARGV: how many; the time;
+# then tag, record pairs of messages already handed on, to record first. Pops up to that
+# many messages, the first lists first, and records each as unacknowledged as kombu's
+# QoS.append does (its tag in the index at that time; in the hash, [message, exchange,
+# routing key]), in the same script: a consumer that dies before it has handed them on
+# leaves them to be restored like any unacknowledged message. Answers key, message,
+# recorded (1, or 0: not a message with a delivery tag, left to kombu), key, message,
+# recorded...
 _POP_MORE = """
+for i = 3, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i])
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
 local want = tonumber(ARGV[1])
 local out = {}
 for i = 3, #KEYS do
@@ -230,7 +252,36 @@ class Channel(redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Delivery tags of messages `_POP_MORE` recorded as unacknowledged, until delivered.
         self._recorded: set[str] = set()
+        # While a BRPOP's message is delivered: QoS.append leaves its record to us.
+        self._deferring = False
+        # Delivered, not yet recorded: delivery tag -> its record (acks come from other threads).
+        self._unrecorded: dict[str, str] = {}
+        self._unrecorded_lock = threading.Lock()
         super().__init__(*args, **kwargs)
+
+    def _drop_unrecorded(self, delivery_tag: str) -> bool:
+        """An ack (or reject) of a message not recorded yet: it never will be. True if so."""
+        with self._unrecorded_lock:
+            return self._unrecorded.pop(delivery_tag, None) is not None
+
+    def _take_unrecorded(self) -> list[str]:
+        with self._unrecorded_lock:
+            items, self._unrecorded = self._unrecorded, {}
+        return [x for pair in items.items() for x in pair]
+
+    def _record_unrecorded(self) -> None:
+        """Record what was delivered and not yet recorded, as kombu's QoS.append does."""
+        pairs = self._take_unrecorded()
+        if not pairs:
+            return
+        now = time.time()
+        try:
+            with self.qos.pipe_or_acquire() as pipe:
+                for i in range(0, len(pairs), 2):
+                    pipe.zadd(self.unacked_index_key, {pairs[i]: now}).hset(self.unacked_key, pairs[i], pairs[i + 1])
+                pipe.execute()
+        except (RedisError, OSError) as exc:  # as a lost BRPOP reply: the sweeper sends its job again
+            log.warning("could not record delivered message(s) as unacknowledged (%s)", exc)
 
     def create_publish_batch(self, max_size: int) -> Any:
         commands = getattr(_capture, "commands", None)
@@ -239,27 +290,42 @@ class Channel(redis.Channel):
         return super().create_publish_batch(max_size)
 
     def _brpop_read(self, **options: Any) -> bool:
-        delivered = bool(super()._brpop_read(**options))  # raises Empty if none came
-        if delivered:
-            self._deliver_more()
+        """kombu's, but the message BRPOP brought is handed on before it is recorded as
+        unacknowledged; then one script records it and pops the messages behind it."""
+        delivered = False
+        self._deferring = True
+        try:
+            delivered = bool(super()._brpop_read(**options))  # raises Empty if none came
+        finally:
+            self._deferring = False
+            if delivered:
+                self._deliver_more()
+            else:  # its delivery failed: recorded all the same, for it to be restored
+                self._record_unrecorded()
         return delivered
 
     def _deliver_more(self) -> None:
-        """Pop and deliver the messages waiting behind the one BRPOP brought, as many as
-        the prefetch allows (see the module's docstring)."""
+        """Record the message just delivered, then pop and deliver the messages waiting
+        behind it, as many as the prefetch allows (see the module's docstring)."""
         want = min(self.qos.can_consume_max_estimate() or 0, POP_MORE_MAX)
-        if not want or self.global_keyprefix or not self.active_queues:
+        if self.global_keyprefix or not self.active_queues:
+            self._record_unrecorded()
             return
         queues = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in self.active_queues]
+        pairs = self._take_unrecorded()
+        if not want and not pairs:
+            return
         try:
             with self.conn_or_acquire() as client:
                 if self._pop_more is None:
                     self._pop_more = client.register_script(_POP_MORE)
                 popped = self._pop_more(
-                    keys=[self.unacked_index_key, self.unacked_key, *queues], args=[want, time.time()], client=client
+                    keys=[self.unacked_index_key, self.unacked_key, *queues],
+                    args=[want, time.time(), *pairs],
+                    client=client,
                 )
         except Exception as exc:  # noqa: BLE001 - the next BRPOP takes them one by one
-            log.warning("could not take more messages after a BRPOP (%s)", exc)
+            log.warning("could not record a message and take more after a BRPOP (%s)", exc)
             return
         for i in range(0, len(popped), 3):
             dest = bytes_to_str(popped[i]).rsplit(self.sep, 1)[0]

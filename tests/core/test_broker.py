@@ -5,6 +5,7 @@ and come back through it."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import redis as redis_lib
@@ -249,3 +250,80 @@ def test_acks_that_come_together_share_a_round_trip_and_none_is_left_behind(redi
         assert int(r.info("commandstats")["cmdstat_exec"]["calls"]) == 2
         consumer.cancel()
     app.close()
+
+
+def test_the_message_a_brpop_brings_is_handed_on_before_it_is_recorded(redis_url):
+    """kombu records a BRPOP'd message as unacknowledged (a MULTI/EXEC round trip) before
+    handing it on: a round trip between every job's message and its start. Here it is
+    handed on first, then recorded by the script that pops the messages behind it (no
+    MULTI/EXEC of its own), and every message is recorded once the turn is over."""
+    from kombu import Connection, Consumer
+
+    r = redis_lib.Redis.from_url(redis_url)
+    r.flushall()
+    app = _app(redis_url)
+    queue = keys.chat_queue_entity("defer-test")
+    for i in range(3):
+        app.send_task(keys.CHAT_TASK, args=[f"d{i}"], task_id=f"d{i}", queue=queue)
+    seen: list[tuple[str, bool]] = []
+
+    def take(body, message):
+        seen.append((message.headers["id"], r.hexists("unacked", message.delivery_tag)))
+
+    r.config_resetstat()
+    with Connection(redis_url, transport="common.broker:Transport") as conn:
+        consumer = Consumer(conn.channel(), queues=[queue], callbacks=[take], accept=["json"])
+        consumer.qos(prefetch_count=4)
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        # The first was handed on before anything was written of it; the two behind it
+        # were recorded by the script that popped them, before they were handed on.
+        assert seen == [("d0", False), ("d1", True), ("d2", True)]
+        assert r.hlen("unacked") == 3 and r.zcard("unacked_index") == 3
+        # No MULTI/EXEC of a record (the one EXEC is the queue's declaration: LLENs).
+        stats = r.info("commandstats")
+        assert int(stats.get("cmdstat_exec", {}).get("calls", 0)) <= 1
+        assert int(stats["cmdstat_hset"]["calls"]) == 3
+        consumer.cancel()
+    app.close()
+
+
+def test_a_brpop_message_acked_or_failed_before_its_record_is_written(redis_url):
+    """Acknowledged while being handed on (its job already over): never recorded, so never
+    restored and run again. Its delivery failed: recorded all the same, and restored."""
+    from kombu import Connection, Consumer
+
+    r = redis_lib.Redis.from_url(redis_url)
+    r.flushall()
+    app = _app(redis_url)
+    queue = keys.chat_queue_entity("defer-ack-test")
+    app.send_task(keys.CHAT_TASK, args=["a0"], task_id="a0", queue=queue)
+    options = {"visibility_timeout": 1}
+    with Connection(redis_url, transport="common.broker:Transport", transport_options=options) as conn:
+        channel = conn.channel()
+        consumer = Consumer(channel, queues=[queue], callbacks=[lambda b, m: m.ack()], accept=["json"])
+        consumer.qos(prefetch_count=4)
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0
+        consumer.cancel()
+
+        app.send_task(keys.CHAT_TASK, args=["f0"], task_id="f0", queue=queue)
+
+        def fail(body, message):
+            raise RuntimeError("the consumer fails here")
+
+        consumer = Consumer(channel, queues=[queue], callbacks=[fail], accept=["json"])
+        consumer.qos(prefetch_count=4)
+        consumer.consume()
+        try:
+            conn.drain_events(timeout=5)
+        except RuntimeError:
+            pass
+        assert r.hlen("unacked") == 1
+        time.sleep(1.2)
+        channel.qos.restore_visible(num=10)
+        consumer.cancel()
+    app.close()
+    back = [json.loads(m)["headers"]["id"] for m in r.lrange(queue.name, 0, -1)]
+    assert back == ["f0"]
