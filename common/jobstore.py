@@ -156,22 +156,37 @@ end
 return lost
 """
 
-# KEYS: job, log. ARGV: attempt, channel, ttl, seq of the first payload, payload...
-# The log length, or -1 when the attempt no longer holds the job (or the log is not
-# where it should be). A retried call whose first run went through is a no-op.
+# KEYS: job, log, job, log... (a pair per job). ARGV: ttl, then per job: attempt, channel,
+# seq of the first payload, how many payloads, the payloads. Per job, the log's length, or
+# -1 when the attempt no longer holds the job (or the log is not where it should be). A
+# retried call whose first run went through is a no-op. All the jobs a worker publishes
+# for at once go in one call (one call a job was a Redis script run, and a command the
+# worker packs and an answer it parses, for every token of every stream).
 _APPEND = """
-local st = redis.call('HMGET', KEYS[1], 'attempt', 'status')
-if st[1] ~= ARGV[1] then return -1 end
-local len = redis.call('LLEN', KEYS[2])
-local first = tonumber(ARGV[4])
-if len > first then return len end
-if st[2] ~= 'in_progress' or len < first then return -1 end
-for i = 5, #ARGV do
-  redis.call('RPUSH', KEYS[2], ARGV[i])
-  redis.call('PUBLISH', ARGV[2], ARGV[i])
+local ttl = ARGV[1]
+local out = {}
+local a = 2
+for k = 1, #KEYS, 2 do
+  local attempt, channel, first, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local p = a + 4
+  a = p + n
+  local st = redis.call('HMGET', KEYS[k], 'attempt', 'status')
+  local res = -1
+  if st[1] == attempt then
+    local len = redis.call('LLEN', KEYS[k + 1])
+    if len > first then
+      res = len
+    elseif st[2] == 'in_progress' and len == first then
+      for i = p, a - 1 do
+        res = redis.call('RPUSH', KEYS[k + 1], ARGV[i])
+        redis.call('PUBLISH', channel, ARGV[i])
+      end
+      redis.call('EXPIRE', KEYS[k + 1], ttl)
+    end
+  end
+  out[#out + 1] = res
 end
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return redis.call('LLEN', KEYS[2])
+return out
 """
 
 # ARGV: attempt, channel, ttl, seq, last event, job id, now, progress channel, field, value...
@@ -482,16 +497,19 @@ class JobStore:
     async def append(self, job_id: str, attempt: int, first_seq: int, payloads: list[str]) -> int:
         """Append events (consecutive seqs from `first_seq`) to the replay log and publish
         them; -1 if the attempt no longer holds the job."""
-        return int(await self.append_in(self.redis, job_id, attempt, first_seq, payloads))
+        answer = await self.append_in(self.redis, [(job_id, attempt, first_seq, payloads)])
+        return int(answer[0])
 
-    async def append_in(self, pipe: Any, job_id: str, attempt: int, first_seq: int, payloads: list[str]) -> Any:
-        """The same as `append`, queued on a pipeline (the publisher batches many jobs)."""
-        return await self._run_in(
-            pipe,
-            self._append,
-            [keys.job(job_id), keys.job_log(job_id)],
-            [attempt, keys.job_channel(job_id), self.ttl, first_seq, *payloads],
-        )
+    async def append_in(self, client: Any, appends: list[tuple[str, int, int, list[str]]]) -> Any:
+        """`append` for several jobs (job id, attempt, first seq, payloads) in one script
+        call, on a client or queued on a pipeline (the publisher's): its answer is a list,
+        an `append`'s answer per job."""
+        script_keys: list[str] = []
+        args: list[Any] = [self.ttl]
+        for job_id, attempt, first_seq, payloads in appends:
+            script_keys += [keys.job(job_id), keys.job_log(job_id)]
+            args += [attempt, keys.job_channel(job_id), first_seq, len(payloads), *payloads]
+        return await self._run_in(client, self._append, script_keys, args)
 
     @staticmethod
     async def _run_in(client: Any, script: Any, script_keys: list[str], args: list[Any]) -> Any:

@@ -2,7 +2,8 @@
 
 All jobs of a worker share one publisher task: it drains whatever events are waiting,
 merges consecutive deltas of the same job (so under load one Redis message carries
-several tokens), numbers them per job without gaps, and sends the lot in one pipeline.
+several tokens), numbers them per job without gaps, and sends the lot in one pipeline:
+every job's deltas in one script call, then the jobs' ends.
 Each job's append is fenced by its attempt (see `JobStore`): if another attempt owns
 the job now, the events are refused and `on_lost(job_id)` is called.
 """
@@ -203,30 +204,34 @@ class ChunkPublisher:
         while True:
             try:
                 async with self.store.redis.pipeline(transaction=False) as pipe:
-                    calls: list[list[str]] = []
+                    # Every job's deltas in one script call, first; then the jobs' ends.
+                    appends: list[tuple[str, int, int, list[str]]] = []
+                    appended: list[int | None] = []  # per group: its place in `appends`
+                    finishes: list[bool] = []
                     for (job_id, attempt), group in groups.items():
                         first = firsts[(job_id, attempt)]
                         last = group[-1][0]
                         deltas = group[:-1] if last.fields is not None else group
-                        kinds = []
+                        appended.append(len(appends) if deltas else None)
                         if deltas:
-                            await self.store.append_in(pipe, job_id, attempt, first, [p for _, p in deltas])
-                            kinds.append("append")
-                        if last.fields is not None:
-                            seq = first + len(deltas)
+                            appends.append((job_id, attempt, first, [p for _, p in deltas]))
+                        finishes.append(last.fields is not None)
+                    if appends:
+                        await self.store.append_in(pipe, appends)
+                    for ((job_id, attempt), group), finishing in zip(groups.items(), finishes, strict=True):
+                        if finishing:
+                            last = group[-1][0]
                             await self.store.finish_in(
                                 pipe,
                                 job_id,
                                 self.model,
                                 attempt,
                                 group[-1][1],
-                                seq,
-                                last.fields,
+                                firsts[(job_id, attempt)] + len(group) - 1,
+                                last.fields or {},
                                 last.batch,
                                 last.owner,
                             )
-                            kinds.append("finish")
-                        calls.append(kinds)
                     # One round trip: what llmq_worker_publish_seconds measures.
                     if timing.ENABLED:
                         timing.stamp_all([job_id for job_id, _ in groups], "publish")
@@ -236,11 +241,10 @@ class ChunkPublisher:
                         timing.stamp_all([job_id for job_id, _ in groups], "published")
                     self._publish_seconds.observe(time.perf_counter() - sent)
                 # An append answers the log length (-1: the attempt lost the job); a finish 1 or 0.
+                lengths = [int(n) for n in next(answers)] if appends else []
                 return [
-                    all(
-                        [(int(next(answers)) >= 0) if kind == "append" else (int(next(answers)) == 1) for kind in kinds]
-                    )
-                    for kinds in calls
+                    (place is None or lengths[place] >= 0) and (not finishing or int(next(answers)) == 1)
+                    for place, finishing in zip(appended, finishes, strict=True)
                 ]
             except NoScriptError:
                 # Redis lost its scripts (restarted): load them and send the batch again.

@@ -91,6 +91,23 @@ async def test_append_is_fenced_by_attempt_and_status_and_idempotent(redis):
     assert [e.seq for e in await store.log(record.id)] == [0, 1]
 
 
+async def test_one_append_call_serves_several_jobs_each_fenced_on_its_own(redis):
+    """The publisher appends every job's events in one script call: each job's answer is
+    its own (a job another attempt holds, or with a gap, refuses only its own events)."""
+    store = JobStore(redis, 3600)
+    a, b, c = job(), job(), job()
+    for record in (a, b, c):
+        await store.create(record)
+        await store.claim(record.id, record.model, "w1", new_claim_token(), 10)
+    appends = [(a.id, 1, 0, [delta(0), delta(1)]), (b.id, 2, 0, [delta(0, 2)]), (c.id, 1, 1, [delta(1)])]
+    assert [int(n) for n in await store.append_in(redis, appends)] == [2, -1, -1]
+    # Retried (a lost reply): no duplicates; the others went on meanwhile.
+    appends = [(a.id, 1, 0, [delta(0), delta(1)]), (b.id, 1, 0, [delta(0)]), (c.id, 1, 0, [delta(0)])]
+    assert [int(n) for n in await store.append_in(redis, appends)] == [2, 1, 1]
+    assert [e.seq for e in await store.log(a.id)] == [0, 1]
+    assert [e.seq for e in await store.log(b.id)] == [0] and [e.seq for e in await store.log(c.id)] == [0]
+
+
 async def test_finish_retried_after_success_answers_done_once(redis):
     store = JobStore(redis, 3600)
     record = job()

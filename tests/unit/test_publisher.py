@@ -72,14 +72,17 @@ class FakeStore:
     async def load_scripts(self):
         pass
 
-    async def append_in(self, pipe, job_id, attempt, first_seq, payloads):
-        if job_id in self.lost:
-            pipe.answers.append(-1)
-            return
-        log = self.logs.setdefault(job_id, [])
-        assert len(log) == first_seq
-        log.extend(ChunkEvent.decode(p) for p in payloads)
-        pipe.answers.append(len(log))
+    async def append_in(self, pipe, appends):
+        lengths = []
+        for job_id, _attempt, first_seq, payloads in appends:
+            if job_id in self.lost:
+                lengths.append(-1)
+                continue
+            log = self.logs.setdefault(job_id, [])
+            assert len(log) == first_seq
+            log.extend(ChunkEvent.decode(p) for p in payloads)
+            lengths.append(len(log))
+        pipe.answers.append(lengths)
 
     async def finish_in(self, pipe, job_id, model, attempt, event, seq, fields, batch=None, owner=""):
         if job_id in self.lost:
