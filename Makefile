@@ -44,13 +44,15 @@ test-core: setup redis
 chaos: setup model redis
 	$(PY) -m pytest tests/integration/test_chaos.py -s
 
-# Every figure of the README's Performance section, in one run (about 15 min here): the
-# engine alone / `vllm serve` / llmq, the orchestration ceilings next to Celery's no-op
+# Every figure of the README's Performance section, in one run (about 17 min here): the
+# engine alone / `vllm serve` / llmq, the CPU a request costs each process of serve and
+# of llmq, the orchestration ceilings next to Celery's no-op
 # rate, batches (fake engine; a 200 MB input file's API memory), 1,000 idle streams, API
 # processes, and 1 to 4 worker hosts (network namespaces: needs root). BENCH_ARGS go to
 # bench_stream.py, e.g. BENCH_ARGS="--only serve,llmq --levels 1,8,32".
 bench: setup model redis
 	$(PY) bench/bench_stream.py $(BENCH_ARGS)
+	$(PY) bench/bench_cpu.py
 	$(PY) bench/bench_ceiling.py
 	$(PY) bench/bench_batch.py --skip-real --memory-mb 200
 	$(PY) bench/bench_idle.py --streams 1000 --api-processes 1
