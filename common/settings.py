@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     enforce_eager: bool | None = None
     # How many jobs one worker keeps in its engine at once (Celery thread slots).
     worker_slots: int = Field(default=64, ge=1)
+    # The worker process's interpreter switch interval (`sys.setswitchinterval`), ms: how
+    # long a thread that wants the interpreter lock waits for a busy one to let go. The
+    # engine's event loop shares the lock with the Celery consumer and the slot threads;
+    # Python's 5 ms held it back under a burst (issue 12; see worker/celery_app.py).
+    worker_switch_interval_ms: float = Field(default=1.0, gt=0, le=100)
 
     # OpenAI chat surface (issue 10), as `vllm serve`'s flags of the same names: the
     # worker parses its model's output with vLLM's own parser classes and announces what
