@@ -164,13 +164,8 @@ class StreamRelay:
             # left just as its stream resumed): its reader goes, and with the channel's
             # last reader the channel, as `unsubscribe` does. Before, both stayed for good:
             # the reader listed as an open stream, the channel subscribed.
-            if self._drop(sub):
-                self._to_subscribe.discard(channel)
-                if confirmed is not None and not confirmed.done():
-                    confirmed.cancel()  # no one else waits for it: they would be readers
-                if self._pubsub is not None:
-                    self._to_unsubscribe.add(channel)
-                    self._kick()
+            if self._leave(sub) and confirmed is not None and not confirmed.done():
+                confirmed.cancel()  # no one else waits for it: they would be readers
             raise
         finally:
             if confirmed is not None and confirmed.done():
@@ -178,9 +173,18 @@ class StreamRelay:
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:
-        if self._drop(sub) and self._pubsub is not None:
+        self._leave(sub)
+
+    def _leave(self, sub: Subscription) -> bool:
+        """Forget a reader, and with its channel's last reader the channel (a subscription
+        still pending is dropped). True if it was the last."""
+        if not self._drop(sub):
+            return False
+        self._to_subscribe.discard(sub.channel)
+        if self._pubsub is not None:
             self._to_unsubscribe.add(sub.channel)
             self._kick()
+        return True
 
     def _kick(self) -> None:
         """Send the pending (un)subscriptions from the next turn of the event loop on."""

@@ -270,18 +270,23 @@ class Channel(redis.Channel):
         return [x for pair in items.items() for x in pair]
 
     def _record_unrecorded(self) -> None:
-        """Record what was delivered and not yet recorded, as kombu's QoS.append does."""
+        """Record what was delivered and not yet recorded (`_POP_MORE`, taking none)."""
         pairs = self._take_unrecorded()
-        if not pairs:
-            return
-        now = time.time()
-        try:
-            with self.qos.pipe_or_acquire() as pipe:
-                for i in range(0, len(pairs), 2):
-                    pipe.zadd(self.unacked_index_key, {pairs[i]: now}).hset(self.unacked_key, pairs[i], pairs[i + 1])
-                pipe.execute()
-        except (RedisError, OSError) as exc:  # as a lost BRPOP reply: the sweeper sends its job again
-            log.warning("could not record delivered message(s) as unacknowledged (%s)", exc)
+        if pairs:
+            try:
+                self._run_pop_more(0, [], pairs)
+            except Exception as exc:  # noqa: BLE001 - as a lost BRPOP reply: the sweeper sends its job again
+                log.warning("could not record delivered message(s) as unacknowledged (%s)", exc)
+
+    def _run_pop_more(self, want: int, queues: list[str], pairs: list[str]) -> Any:
+        with self.conn_or_acquire() as client:
+            if self._pop_more is None:
+                self._pop_more = client.register_script(_POP_MORE)
+            return self._pop_more(
+                keys=[self.unacked_index_key, self.unacked_key, *queues],
+                args=[want, time.time(), *pairs],
+                client=client,
+            )
 
     def create_publish_batch(self, max_size: int) -> Any:
         commands = getattr(_capture, "commands", None)
@@ -293,7 +298,8 @@ class Channel(redis.Channel):
         """kombu's, but the message BRPOP brought is handed on before it is recorded as
         unacknowledged; then one script records it and pops the messages behind it."""
         delivered = False
-        self._deferring = True
+        # (With a global key prefix, kombu's own record: the script does not prefix keys.)
+        self._deferring = not self.global_keyprefix
         try:
             delivered = bool(super()._brpop_read(**options))  # raises Empty if none came
         finally:
@@ -309,21 +315,13 @@ class Channel(redis.Channel):
         behind it, as many as the prefetch allows (see the module's docstring)."""
         want = min(self.qos.can_consume_max_estimate() or 0, POP_MORE_MAX)
         if self.global_keyprefix or not self.active_queues:
-            self._record_unrecorded()
-            return
-        queues = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in self.active_queues]
+            want = 0
+        queues = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in self.active_queues] if want else []
         pairs = self._take_unrecorded()
         if not want and not pairs:
             return
         try:
-            with self.conn_or_acquire() as client:
-                if self._pop_more is None:
-                    self._pop_more = client.register_script(_POP_MORE)
-                popped = self._pop_more(
-                    keys=[self.unacked_index_key, self.unacked_key, *queues],
-                    args=[want, time.time(), *pairs],
-                    client=client,
-                )
+            popped = self._run_pop_more(want, queues, pairs)
         except Exception as exc:  # noqa: BLE001 - the next BRPOP takes them one by one
             log.warning("could not record a message and take more after a BRPOP (%s)", exc)
             return

@@ -20,7 +20,7 @@ from common import keys, timing
 from common.job_queue import JobQueue
 from common.logs import setup_logging
 from common.redis_client import broker_settings
-from common.settings import Settings, get_settings
+from common.settings import get_settings
 from worker import metrics as worker_metrics
 from worker.prefetch import GroupPrefetch
 from worker.runtime import WorkerRuntime, unique_worker_id
@@ -29,18 +29,14 @@ log = logging.getLogger(__name__)
 settings = get_settings()
 
 
-def set_switch_interval(s: Settings = settings) -> None:
-    """The worker's threads (the Celery consumer, a slot thread per job, the engine's event
-    loop, which takes vLLM's outputs and feeds it new requests) share the interpreter lock;
-    a thread that wants it waits for the holder to let go, at most the switch interval,
-    Python's 5 ms by default. Under a burst of jobs the engine loop waited behind the
-    consumer and the slot threads: at 1 ms, two alternating A/B pairs of
-    `bench_stream.py --only llmq --levels 8,32` gave 286 and 280 -> 296 and 307 tok/s at 32
-    streams and a first token 12 to 61 ms sooner at the median at 8 (issue 12)."""
-    sys.setswitchinterval(s.worker_switch_interval_ms / 1000)
-
-
-set_switch_interval()
+# The worker's threads (the Celery consumer, a slot thread per job, the engine's event loop,
+# which takes vLLM's outputs and feeds it new requests) share the interpreter lock; a
+# thread that wants it waits for the holder to let go, at most the switch interval,
+# Python's 5 ms by default. Under a burst of jobs the engine loop waited behind the consumer
+# and the slot threads: at 1 ms, two alternating A/B pairs of `bench_stream.py --only llmq
+# --levels 8,32` gave 286 and 280 -> 296 and 307 tok/s at 32 streams and a first token 12
+# to 61 ms sooner at the median at 8 (issue 12).
+sys.setswitchinterval(settings.worker_switch_interval_ms / 1000)
 
 # The tasks module imports this one; Celery imports it once the app exists (no cycle).
 app = Celery("llmq-worker", include=["worker.tasks"])

@@ -70,6 +70,11 @@ def _extend(into: list[ChoiceDelta], more: list[ChoiceDelta]) -> None:
         into.sort(key=lambda c: c.index)
 
 
+def _deltas(group: list[tuple[_Pending, str]]) -> list[tuple[_Pending, str]]:
+    """A job's events of a publish but its last, if that is its end (written by `finish`)."""
+    return group[:-1] if group[-1][0].fields is not None else group
+
+
 def merge_deltas(into: list[ChoiceDelta], more: list[ChoiceDelta]) -> list[ChoiceDelta]:
     """`into` and `more` as one list of deltas per choice (neither is changed)."""
     out = [_own(c) for c in into]
@@ -206,29 +211,23 @@ class ChunkPublisher:
                 async with self.store.redis.pipeline(transaction=False) as pipe:
                     # Every job's deltas in one script call, first; then the jobs' ends.
                     appends: list[tuple[str, int, int, list[str]]] = []
-                    appended: list[int | None] = []  # per group: its place in `appends`
-                    finishes: list[bool] = []
                     for (job_id, attempt), group in groups.items():
-                        first = firsts[(job_id, attempt)]
-                        last = group[-1][0]
-                        deltas = group[:-1] if last.fields is not None else group
-                        appended.append(len(appends) if deltas else None)
+                        deltas = _deltas(group)
                         if deltas:
-                            appends.append((job_id, attempt, first, [p for _, p in deltas]))
-                        finishes.append(last.fields is not None)
+                            appends.append((job_id, attempt, firsts[(job_id, attempt)], [p for _, p in deltas]))
                     if appends:
                         await self.store.append_in(pipe, appends)
-                    for ((job_id, attempt), group), finishing in zip(groups.items(), finishes, strict=True):
-                        if finishing:
-                            last = group[-1][0]
+                    for (job_id, attempt), group in groups.items():
+                        last, event = group[-1]
+                        if last.fields is not None:
                             await self.store.finish_in(
                                 pipe,
                                 job_id,
                                 self.model,
                                 attempt,
-                                group[-1][1],
+                                event,
                                 firsts[(job_id, attempt)] + len(group) - 1,
-                                last.fields or {},
+                                last.fields,
                                 last.batch,
                                 last.owner,
                             )
@@ -241,11 +240,13 @@ class ChunkPublisher:
                         timing.stamp_all([job_id for job_id, _ in groups], "published")
                     self._publish_seconds.observe(time.perf_counter() - sent)
                 # An append answers the log length (-1: the attempt lost the job); a finish 1 or 0.
-                lengths = [int(n) for n in next(answers)] if appends else []
-                return [
-                    (place is None or lengths[place] >= 0) and (not finishing or int(next(answers)) == 1)
-                    for place, finishing in zip(appended, finishes, strict=True)
-                ]
+                lengths = iter(next(answers) if appends else ())
+                owned = []
+                for group in groups.values():
+                    appended = int(next(lengths)) >= 0 if _deltas(group) else True
+                    finished = int(next(answers)) == 1 if group[-1][0].fields is not None else True
+                    owned.append(appended and finished)
+                return owned
             except NoScriptError:
                 # Redis lost its scripts (restarted): load them and send the batch again.
                 log.warning("Redis has lost the publish scripts; loading them again")
