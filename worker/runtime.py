@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -685,8 +686,33 @@ class AttemptPlan:
     finished: dict[int, str] = field(default_factory=dict)
 
 
+def outcome(result: dict[str, Any]) -> str:
+    """A task's result as Celery keeps it (its task-succeeded event: Flower's Result):
+    key=value text, e.g. `status=completed attempt=1 finish=length prompt_tokens=30
+    completion_tokens=64`. Celery writes `repr` of what a task returns with a pure-Python
+    walker (80 us a job for the runtime's dict, 4 us for a string)."""
+    parts = []
+    for name, value in result.items():
+        if name == "usage" and isinstance(value, dict):
+            parts += [f"{k}={v}" for k, v in value.items() if k in ("prompt_tokens", "completion_tokens")]
+        elif name == "finish_reasons" and isinstance(value, list):
+            parts.append("finish=" + ",".join(str(v) for v in value))
+        elif isinstance(value, dict):  # a group's counts
+            parts += [f"{k}={v}" for k, v in value.items()]
+        elif isinstance(value, bool):
+            parts.append(f"{name}={str(value).lower()}")
+        else:
+            text = str(value)
+            parts.append(f"{name}={json.dumps(text) if not text or ' ' in text else text}")
+    return " ".join(parts)
+
+
 def plan_attempt(request: JobRequest, previous: list[ChunkEvent]) -> AttemptPlan:
-    plan = AttemptPlan(request.model_copy(deep=True), next_seq=len(previous))
+    """The plan of an attempt after `previous` events. A first attempt (or one that starts
+    over) runs the request as it is: nothing downstream changes it, and a deep copy of
+    every request cost the worker 30 us for a short prompt and 0.6 ms for 2,000 tokens.
+    A continued attempt gets a new request (prompt + the tokens sent, fewer to go)."""
+    plan = AttemptPlan(request, next_seq=len(previous))
     if not previous or not request.continuable:
         return plan
     sent: list[int] = []
@@ -697,9 +723,15 @@ def plan_attempt(request: JobRequest, previous: list[ChunkEvent]) -> AttemptPlan
             text.append(c.text)
             if c.finish_reason:
                 plan.finished[0] = c.finish_reason
-    plan.request.prompt_token_ids += sent
-    plan.request.sampling.max_tokens = request.sampling.max_tokens - len(sent)
-    plan.request.sampling.min_tokens = max(0, request.sampling.min_tokens - len(sent))
+    sampling = request.sampling.model_copy(
+        update={
+            "max_tokens": request.sampling.max_tokens - len(sent),
+            "min_tokens": max(0, request.sampling.min_tokens - len(sent)),
+        }
+    )
+    plan.request = request.model_copy(
+        update={"prompt_token_ids": request.prompt_token_ids + sent, "sampling": sampling}
+    )
     plan.texts = {0: "".join(text)}
     plan.tokens = {0: len(sent)}
     return plan

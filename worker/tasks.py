@@ -8,10 +8,11 @@ from celery.exceptions import Reject
 
 from common import keys, timing
 from worker.celery_app import app, get_runtime, group_prefetch
+from worker.runtime import outcome
 
 
 @app.task(name=keys.CHAT_TASK)
-def chat_completion(job_id: str) -> dict[str, Any]:
+def chat_completion(job_id: str) -> str:
     """Run one chat completion job; its tokens go out over pub/sub, not as the result."""
     if timing.ENABLED:
         timing.stamp(job_id, "task")
@@ -19,11 +20,11 @@ def chat_completion(job_id: str) -> dict[str, Any]:
     if runtime.dead:
         # Leaving: the message goes back to the queue for another worker.
         raise Reject("this worker's engine is dead", requeue=True)
-    return runtime.run_job(job_id)
+    return outcome(runtime.run_job(job_id))
 
 
 @app.task(name=keys.CHAT_GROUP_TASK, bind=True)
-def chat_group(self: Any, job_ids: list[str]) -> dict[str, Any]:
+def chat_group(self: Any, job_ids: list[str]) -> str:
     """Run a group of jobs (a batch's lines) together, as `chat_completion` runs one; the
     message is acknowledged once all have ended. While they run, the worker takes that
     many fewer messages (`GroupPrefetch`)."""
@@ -38,6 +39,6 @@ def chat_group(self: Any, job_ids: list[str]) -> dict[str, Any]:
         runtime = get_runtime()
         if runtime.dead:
             raise Reject("this worker's engine is dead", requeue=True)
-        return runtime.run_jobs(job_ids, on_end=lambda: group_prefetch.job_ended(task_id))
+        return outcome(runtime.run_jobs(job_ids, on_end=lambda: group_prefetch.job_ended(task_id)))
     finally:
         group_prefetch.done(task_id)

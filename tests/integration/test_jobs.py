@@ -145,7 +145,7 @@ async def test_a_cancelled_queued_job_never_starts(stack, model, tokenizer, redi
             break
         await asyncio.sleep(0.3)
     producer.close()
-    assert info.get("state") == "SUCCESS" and "'started': False" in info["result"]
+    assert info.get("state") == "SUCCESS" and "started=false" in info["result"]
     rec = {k.decode(): v.decode() for k, v in redis.hgetall(f"llmq:job:{record.id}").items()}
     assert rec["status"] == "cancelled" and "started" not in rec and rec["attempt"] == "0"
     replay = await read_sse(ahttp, "GET", f"/v1/chat/completions/{record.id}/stream")
