@@ -40,8 +40,7 @@ STAGES: tuple[tuple[str, str, str, str], ...] = (
     ("record write", "prepared", "recorded", "api: admission script storing the record, job.created log"),
     ("subscribe", "recorded", "subscribed", "api: the rest of the channel's subscription (made during the write)"),
     ("celery hop", "subscribed", "received", "Celery message sent, through Redis to the worker's consumer"),
-    ("pool dispatch", "received", "task", "worker: consumer hands the task to a slot thread, which starts it"),
-    ("hand-off", "task", "loop", "worker: slot thread to the engine loop"),
+    ("hand-off", "received", "loop", "worker: consumer to the engine loop (the job starts as its message arrives)"),
     ("claim", "loop", "claimed", "worker: the claim script (lease)"),
     ("record read", "claimed", "engine_in", "worker: the record read, attempt planned"),
     ("engine", "engine_in", "engine_first", "worker: the engine's first output (prefill, first step)"),
@@ -51,6 +50,7 @@ STAGES: tuple[tuple[str, str, str, str], ...] = (
     ("client", "sse", "client", "socket to the client's first content chunk"),
     ("(celery send)", "subscribed", "queued", "api: the message's send until it returns (overlaps the hop)"),
     ("(publish RTT)", "publish", "published", "worker: the publish pipeline's round trip (overlaps relay)"),
+    ("(slot thread)", "received", "task", "worker: the task reaching a slot thread, to wait for the job (overlaps)"),
 )
 
 _stamps: dict[str, dict[str, float]] = {}

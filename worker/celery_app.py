@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 from celery import Celery, signals
 
@@ -101,6 +102,28 @@ def _stamp_received(request: object = None, **_: object) -> None:
 
 if timing.ENABLED:
     signals.task_received.connect(_stamp_received, weak=False)
+
+
+def _start_early(request: Any = None, **_: object) -> None:
+    """A chat job starts on the engine loop as its message arrives (in the consumer's
+    thread), not once a slot thread has taken its task (`WorkerRuntime.start_early`)."""
+    if request is None or _runtime is None or getattr(request, "name", None) != keys.CHAT_TASK or request.eta:
+        return
+    args = request.args
+    job_id = args[0] if isinstance(args, list | tuple) and len(args) == 1 else None
+    if isinstance(job_id, str):
+        _runtime.start_early(job_id)
+
+
+def _forget_early(request: Any = None, **_: object) -> None:
+    if request is not None and _runtime is not None and getattr(request, "name", None) == keys.CHAT_TASK:
+        args = request.args
+        if isinstance(args, list | tuple) and len(args) == 1 and isinstance(args[0], str):
+            _runtime.forget_early(args[0])
+
+
+signals.task_received.connect(_start_early, weak=False)
+signals.task_revoked.connect(_forget_early, weak=False)
 
 
 @signals.worker_init.connect

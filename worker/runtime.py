@@ -15,6 +15,7 @@ unregisters and exits non-zero (`EXIT_ENGINE_DEAD`), for its supervisor to resta
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -110,6 +111,10 @@ class WorkerRuntime:
         # Logs (issue 9): what each line about a job held here names (id, model, key id, batch).
         self._log_fields: dict[str, dict[str, Any]] = {}
         self._releasing: dict[str, asyncio.Future[bool]] = {}
+        # Attempts started as their message arrived (`start_early`), by job id, for their
+        # tasks to wait on (a list: two messages of one job may both be here).
+        self._early: dict[str, list[concurrent.futures.Future[dict[str, Any]]]] = {}
+        self._early_lock = threading.Lock()
         self.dead = False
         self.redis: aioredis.Redis | None = None
         self.store: JobStore | None = None
@@ -134,8 +139,44 @@ class WorkerRuntime:
             self._thread.join(timeout=10)
 
     def run_job(self, job_id: str) -> dict[str, Any]:
-        """Run one job to its end; blocks the calling task thread, not the engine."""
+        """Run one job to its end (or wait for the attempt `start_early` started); blocks
+        the calling task thread, not the engine."""
+        with self._early_lock:
+            waiting = self._early.get(job_id)
+            early = waiting.pop(0) if waiting else None
+            if waiting == []:
+                del self._early[job_id]
+        if early is not None:
+            return early.result()
         return self._call(self._run_job(job_id))
+
+    def started_early(self, job_id: str) -> bool:
+        with self._early_lock:
+            return bool(self._early.get(job_id))
+
+    def forget_early(self, job_id: str) -> None:
+        """A message whose task will not run (revoked after `start_early`): its attempt
+        runs on to its end, unwaited for."""
+        with self._early_lock:
+            waiting = self._early.get(job_id)
+            if waiting:
+                waiting.pop(0)
+            if waiting == []:
+                del self._early[job_id]
+
+    def start_early(self, job_id: str) -> None:
+        """Start a job on the engine loop now: called from the Celery consumer's thread as
+        the job's message arrives, before the thread pool hands its task to a slot thread
+        (a millisecond at one stream, more under a burst, all of it before the first
+        token); that task's `run_job` then waits for this attempt. A message revoked in
+        between (Celery checks again before the pool, in the same call of the consumer's)
+        leaves its job running with no task: it ends as any job does. Not for group
+        messages (batch lines), nor once the engine is dead (the task gives the message back)."""
+        if self.dead:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._run_job(job_id), self.loop)
+        with self._early_lock:
+            self._early.setdefault(job_id, []).append(future)
 
     def run_jobs(self, job_ids: list[str], on_end: Callable[[], None] | None = None) -> dict[str, Any]:
         """Run a group of jobs together to their ends (`on_end` called as each ends); how

@@ -17,10 +17,13 @@ def chat_completion(job_id: str) -> str:
     if timing.ENABLED:
         timing.stamp(job_id, "task")
     runtime = get_runtime()
-    if runtime.dead:
+    if runtime.dead and not runtime.started_early(job_id):
         # Leaving: the message goes back to the queue for another worker.
         raise Reject("this worker's engine is dead", requeue=True)
-    return outcome(runtime.run_job(job_id))
+    result = runtime.run_job(job_id)
+    if result.get("status") == "refused":  # the engine died before the job could start
+        raise Reject("this worker's engine is dead", requeue=True)
+    return outcome(result)
 
 
 @app.task(name=keys.CHAT_GROUP_TASK, bind=True)

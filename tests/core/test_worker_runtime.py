@@ -84,6 +84,48 @@ async def test_a_long_job_keeps_its_lease_and_completes_in_one_attempt(runtime, 
     assert await redis.zscore(keys.LEASES, record.id) is None
 
 
+async def test_a_job_started_early_runs_once_and_its_task_waits_for_it(runtime, redis):
+    """The consumer starts a job as its message arrives (`start_early`); the task's
+    run_job then waits for that attempt instead of starting another. Two messages of
+    one job (a resend) each get an attempt of their own: one runs, the claim refuses the
+    other."""
+    record = await queued(redis, max_tokens=16)
+    runtime.start_early(record.id)
+    assert runtime.started_early(record.id)
+    # The job runs before any task asks for it.
+    store = JobStore(redis, 3600)
+    await wait_until(lambda: _status_is(store, record.id, "running", "completed"))
+    result = await asyncio.to_thread(runtime.run_job, record.id)
+    assert result["status"] == "completed" and result["attempt"] == 1
+    assert not runtime.started_early(record.id) and runtime._early == {}
+    stored = await store.get(record.id)
+    assert stored.attempt == 1 and stored.usage.completion_tokens == 16
+
+    again = await queued(redis, max_tokens=16)
+    runtime.start_early(again.id)
+    runtime.start_early(again.id)
+    first, second = await asyncio.gather(
+        asyncio.to_thread(runtime.run_job, again.id), asyncio.to_thread(runtime.run_job, again.id)
+    )
+    ran = [r for r in (first, second) if r.get("started", True)]
+    assert len(ran) == 1 and ran[0]["status"] == "completed" and ran[0]["attempt"] == 1
+    assert (await store.get(again.id)).attempt == 1 and runtime._early == {}
+
+
+async def test_a_revoked_early_job_runs_on_unwaited(runtime, redis):
+    record = await queued(redis, max_tokens=8)
+    runtime.start_early(record.id)
+    runtime.forget_early(record.id)  # its task will not run
+    assert not runtime.started_early(record.id) and runtime._early == {}
+    store = JobStore(redis, 3600)
+    await wait_until(lambda: _status_is(store, record.id, "completed"))
+
+
+async def _status_is(store: JobStore, job_id: str, *statuses: str) -> bool:
+    got = await store.status(job_id)
+    return got is not None and got.value in statuses
+
+
 async def test_a_redis_error_right_after_the_claim_gives_the_job_back(runtime, redis, monkeypatch):
     """The claim ran but its reply (with the record, one round trip) was lost, and reading
     the record then failed too: the claim is made again with the same token (the same
