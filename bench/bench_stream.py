@@ -8,8 +8,11 @@ For each concurrency level (default 1, 8, 32, 64 streams) the same load runs on:
   llmq   - Redis + one Celery worker process + the API (scripts/stack.py).
 serve and llmq are driven by the very same HTTP streaming client (httpx, SSE). Each stream
 asks for `--tokens` output tokens (greedy, ignore_eos) on the default model and makes
-`--requests` requests one after the other (closed loop); a level runs `--rounds` times
-and each figure is the median over its rounds.
+`--requests` requests one after the other (closed loop), or more at low levels so that a
+round has at least `--min-requests`; a level runs `--rounds` times. Throughput is the
+median over rounds; latency percentiles are over every request of the level's rounds,
+and the TTFT table also gives llmq - serve round by round (each pair ran back to back):
+their spread is how far one run's figures can be trusted.
 
 The three are started once and take turns, round by round (engine, serve, llmq, then
 llmq, serve, engine, ...), each alone on the machine: the others' engine processes are
@@ -21,7 +24,8 @@ and the milliseconds llmq adds to TTFT; then, from per-job stamps the API and th
 write with BENCH_TIMING=1 (common/timing.py), llmq's first-token time by stage.
 
     python bench/bench_stream.py [--only engine,serve,llmq] [--levels 1,8,32,64] [--tokens 64]
-                                 [--rounds 2] [--requests 2] [--no-breakdown] [--json out.json]
+                                 [--rounds 2] [--requests 2] [--min-requests 8] [--no-breakdown]
+                                 [--json out.json]
 """
 
 from __future__ import annotations
@@ -92,13 +96,16 @@ class Level:
     def median(self, figure: Callable[[Round], float]) -> float:
         return statistics.median(figure(r) for r in self.rounds)
 
+    def by_round(self, q: float) -> list[float]:
+        """TTFT percentile `q` of each round, in the order they ran."""
+        return [percentile([s.ttft for s in r.samples], q) for r in self.rounds]
+
+    def pooled(self, figure: Callable[[Sample], list[float]], q: float) -> float:
+        """Percentile `q` of `figure` over every request of every round (a round of one
+        stream has a few requests only: its own p50 is a mean of two or three)."""
+        return percentile([v for r in self.rounds for s in r.samples for v in figure(s)] or [0.0], q)
+
     def summary(self) -> dict[str, float]:
-        def ttft(q: float) -> Callable[[Round], float]:
-            return lambda r: percentile([s.ttft for s in r.samples], q)
-
-        def itl(q: float) -> Callable[[Round], float]:
-            return lambda r: percentile([g for s in r.samples for g in s.gaps] or [0.0], q)
-
         def worst_stream_p99(r: Round) -> float:
             return max(percentile(s.gaps, 99) if s.gaps else 0.0 for s in r.samples)
 
@@ -107,14 +114,14 @@ class Level:
 
         return {
             "tokens_per_s": self.median(lambda r: r.tokens_per_s),
-            "ttft_p50": self.median(ttft(50)),
-            "ttft_p99": self.median(ttft(99)),
-            "itl_p50": self.median(itl(50)),
-            "itl_p99": self.median(itl(99)),
+            "ttft_p50": self.pooled(lambda s: [s.ttft], 50),
+            "ttft_p99": self.pooled(lambda s: [s.ttft], 99),
+            "itl_p50": self.pooled(lambda s: s.gaps, 50),
+            "itl_p99": self.pooled(lambda s: s.gaps, 99),
             "itl_worst_stream_p99": self.median(worst_stream_p99),
             "tokens_per_chunk": self.median(tokens_per_chunk),
-            "end_p50": self.median(lambda r: percentile([s.tail for s in r.samples], 50)),
-            "end_p99": self.median(lambda r: percentile([s.tail for s in r.samples], 99)),
+            "end_p50": self.pooled(lambda s: [s.tail], 50),
+            "end_p99": self.pooled(lambda s: [s.tail], 99),
             "requests": sum(len(r.samples) for r in self.rounds),
             "rounds": len(self.rounds),
             "errors": self.errors,
@@ -415,7 +422,14 @@ class LlmqSubject(Subject):
 
 
 async def run_all(
-    modes: list[str], levels: list[int], tokens: int, rounds: int, requests: int, log_dir: Path, breakdown: bool
+    modes: list[str],
+    levels: list[int],
+    tokens: int,
+    rounds: int,
+    requests: int,
+    min_requests: int,
+    log_dir: Path,
+    breakdown: bool,
 ) -> tuple[dict[str, list[Level]], dict[int, list[dict[str, float]]]]:
     """Start every subject, then run each level's rounds taking turns: round r runs the
     subjects in order (r even) or in reverse (r odd), each alone on the machine (the others'
@@ -447,7 +461,8 @@ async def run_all(
                     assert subject.one is not None
                     await subject.resume()
                     try:
-                        level.rounds.append(await closed_loop(n, requests, subject.one))
+                        each = max(requests, -(-min_requests // n))
+                        level.rounds.append(await closed_loop(n, each, subject.one))
                     except Exception as exc:  # a failed request spoils its round, not the run
                         level.errors += 1
                         print(f"  {subject.mode} {n} streams: a round failed: {exc!r}", flush=True)
@@ -479,7 +494,8 @@ def report(results: dict[str, list[Level]], tokens: int, dtype: str) -> str:
     levels = sorted({n for per in by.values() for n in per})
     present = [m for m in MODES if m in by]
     lines = [
-        f"dtype {dtype}; {tokens} output tokens per request (greedy, ignore_eos); figures are medians over rounds",
+        f"dtype {dtype}; {tokens} output tokens per request (greedy, ignore_eos); tok/s: median over rounds; "
+        "latencies: percentiles over every request of a level",
         "",
         "| streams | " + " | ".join(f"{m} tok/s" for m in present) + " | llmq/serve | llmq/engine |",
         "|---:|" + "---:|" * (len(present) + 2),
@@ -508,13 +524,22 @@ def report(results: dict[str, list[Level]], tokens: int, dtype: str) -> str:
         "",
         "TTFT p50 / p99, ms (request sent to first content)",
         "",
-        "| streams | " + " | ".join(present) + " | llmq-serve p50 | llmq-serve p99 | llmq/serve p99 |",
-        "|---:|" + "---:|" * (len(present) + 3),
+        "| streams | " + " | ".join(present) + " | llmq-serve p50 | llmq-serve p99 | llmq/serve p99 "
+        "| llmq-serve p50 by round |",
+        "|---:|" + "---:|" * (len(present) + 3) + "---|",
     ]
+    levels_of = {mode: {lv.streams: lv for lv in levels_} for mode, levels_ in results.items()}
+
+    def by_round(n: int) -> str:
+        llmq, serve = levels_of.get("llmq", {}).get(n), levels_of.get("serve", {}).get(n)
+        if llmq is None or serve is None or not llmq.rounds or len(llmq.rounds) != len(serve.rounds):
+            return "-"  # (a failed round leaves nothing to pair)
+        return ", ".join(f"{(a - b) * 1e3:+.1f}" for a, b in zip(llmq.by_round(50), serve.by_round(50), strict=True))
+
     for n in levels:
         row = [cell(m, n, "ttft_p50", "ttft_p99") for m in present]
         lines.append(f"| {n} | " + " | ".join(row) + f" | {added(n, 'ttft_p50')} | {added(n, 'ttft_p99')} "
-                     f"| {ratio('llmq', 'serve', n, 'ttft_p99')} |")  # fmt: skip
+                     f"| {ratio('llmq', 'serve', n, 'ttft_p99')} | {by_round(n)} |")  # fmt: skip
     lines += [
         "",
         "Inter-token latency, ms: between content chunks p50 / p99 (all streams), worst stream's p99; tokens per "
@@ -578,8 +603,11 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(MODES), help="which of engine,serve,llmq to run")
     parser.add_argument("--levels", default="1,8,32,64")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each level; figures are their medians")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each level, taking turns")
     parser.add_argument("--requests", type=int, default=2, help="requests per stream in each round")
+    parser.add_argument(
+        "--min-requests", type=int, default=8, help="requests per round at least (more per stream at low levels)"
+    )
     parser.add_argument("--no-breakdown", action="store_true", help="llmq without BENCH_TIMING stamps")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--logs", type=Path, default=ROOT / "var" / "bench-logs")
@@ -605,7 +633,7 @@ def main() -> int:
         f"model {settings.model_name}, engine {settings.engine}, dtype {dtype}, "
         f"enforce_eager {resolve_eager(settings)}, llmq API processes {os.environ.get('API_PROCESSES', '1')}, "
         f"max_num_seqs {max_num_seqs(settings)}, levels {levels}, {args.rounds} rounds x {args.requests} "
-        f"requests per stream, {args.tokens} tokens",
+        f"requests per stream (at least {args.min_requests} a round), {args.tokens} tokens",
         flush=True,
     )
     results, stamps = asyncio.run(
@@ -615,6 +643,7 @@ def main() -> int:
             args.tokens,
             args.rounds,
             args.requests,
+            args.min_requests,
             args.logs,
             not args.no_breakdown,
         )
@@ -633,8 +662,12 @@ def main() -> int:
             "tokens": args.tokens,
             "rounds": args.rounds,
             "requests_per_stream": args.requests,
+            "min_requests_per_round": args.min_requests,
             "results": {
-                mode: [{"streams": lv.streams, **(lv.summary() if lv.rounds else {})} for lv in levels_]
+                mode: [
+                    {"streams": lv.streams, **(lv.summary() if lv.rounds else {}), "ttft_p50_by_round": lv.by_round(50)}
+                    for lv in levels_
+                ]
                 for mode, levels_ in results.items()
             },
             "stages": {
