@@ -96,3 +96,52 @@ async def test_a_subscription_cancelled_before_it_is_confirmed_leaves_nothing(re
         assert (await asyncio.wait_for(again.get(), 5)).seq == 1
     finally:
         await relay.stop()
+
+
+async def test_messages_reach_readers_and_a_killed_connection_is_told_and_replaced(redis, redis_url):
+    """The relay reads its connection itself (not redis-py's get_message): published
+    events reach their readers in order, a listener channel calls its callback, the
+    subscribe and unsubscribe confirmations keep redis-py's channel lists (nothing left
+    behind), and a killed connection fails every reader with stream_interrupted (they
+    catch up from the replay log) before a new connection serves new streams."""
+    from api.relay import StreamClosed
+
+    relay = StreamRelay(redis_url, buffer_events=64)
+    heard: list[int] = []
+    relay.listen("llmq:test:wake", lambda: heard.append(1))
+    await relay.start()
+    try:
+        sub = await relay.subscribe("llmq:test:a")
+        for seq in range(20):
+            await redis.publish("llmq:test:a", ChunkEvent(seq=seq, kind="delta").encode())
+        assert [(await asyncio.wait_for(sub.get(), 5)).seq for _ in range(20)] == list(range(20))
+        assert await redis.publish("llmq:test:wake", "x") == 1
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.02)
+        assert heard == [1]
+
+        others = await asyncio.gather(*(relay.subscribe(f"llmq:test:o{i}") for i in range(30)))
+        await asyncio.gather(*(relay.unsubscribe(s) for s in others))
+        for _ in range(100):
+            if not await redis.pubsub_channels("llmq:test:o*"):
+                break
+            await asyncio.sleep(0.02)
+        pubsub = relay._pubsub
+        assert pubsub is not None
+        await asyncio.sleep(0.1)  # the confirmations read
+        names = {c.decode() if isinstance(c, bytes) else c for c in pubsub.channels}
+        assert not any(n.startswith("llmq:test:o") for n in names), names
+        assert not pubsub.pending_unsubscribe_channels
+
+        killed = await redis.client_kill_filter(_type="pubsub")
+        assert killed >= 1
+        with pytest.raises(StreamClosed) as lost:
+            await asyncio.wait_for(sub.get(), 5)
+        assert lost.value.code == "stream_interrupted"
+        fresh = await asyncio.wait_for(relay.subscribe("llmq:test:b"), 10)
+        assert await redis.publish("llmq:test:b", ChunkEvent(seq=0, kind="delta").encode()) == 1
+        assert (await asyncio.wait_for(fresh.get(), 5)).seq == 0
+    finally:
+        await relay.stop()
