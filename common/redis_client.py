@@ -70,6 +70,7 @@ def pack_commands_with_hiredis() -> bool:
 
 
 pack_commands_with_hiredis()
+
 # REDIS_RETRY_SECONDS unset, with REDIS_SENTINELS: a failover's length, and some.
 SENTINEL_RETRY_SECONDS = 15.0
 T = TypeVar("T")
