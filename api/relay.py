@@ -300,10 +300,9 @@ class StreamRelay:
             timing.stamp(timing.job_of_channel(channel), "relayed")
         for sub in list(readers):
             sub._deliver(event)
-            if sub.closed and self._drop(sub) and self._pubsub is not None:
-                # The last reader was cut off (slow consumer): stop listening right away.
-                self._to_unsubscribe.add(channel)
-                self._kick()
+            if sub.closed:
+                # Cut off (slow consumer): with the channel's last reader, stop listening now.
+                self._leave(sub)
 
     def _dispatch(self, message: dict) -> None:
         channel = message["channel"]

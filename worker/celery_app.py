@@ -104,22 +104,27 @@ if timing.ENABLED:
     signals.task_received.connect(_stamp_received, weak=False)
 
 
+def _chat_job_id(request: Any) -> str | None:
+    """The job id of a chat task's message (its one argument), else None."""
+    if request is None or getattr(request, "name", None) != keys.CHAT_TASK:
+        return None
+    args = request.args
+    job_id = args[0] if isinstance(args, list | tuple) and len(args) == 1 else None
+    return job_id if isinstance(job_id, str) else None
+
+
 def _start_early(request: Any = None, **_: object) -> None:
     """A chat job starts on the engine loop as its message arrives (in the consumer's
     thread), not once a slot thread has taken its task (`WorkerRuntime.start_early`)."""
-    if request is None or _runtime is None or getattr(request, "name", None) != keys.CHAT_TASK or request.eta:
-        return
-    args = request.args
-    job_id = args[0] if isinstance(args, list | tuple) and len(args) == 1 else None
-    if isinstance(job_id, str):
+    job_id = _chat_job_id(request)
+    if job_id is not None and _runtime is not None and not request.eta:
         _runtime.start_early(job_id)
 
 
 def _forget_early(request: Any = None, **_: object) -> None:
-    if request is not None and _runtime is not None and getattr(request, "name", None) == keys.CHAT_TASK:
-        args = request.args
-        if isinstance(args, list | tuple) and len(args) == 1 and isinstance(args[0], str):
-            _runtime.forget_early(args[0])
+    job_id = _chat_job_id(request)
+    if job_id is not None and _runtime is not None:
+        _runtime.forget_early(job_id)
 
 
 signals.task_received.connect(_start_early, weak=False)

@@ -141,14 +141,21 @@ class WorkerRuntime:
     def run_job(self, job_id: str) -> dict[str, Any]:
         """Run one job to its end (or wait for the attempt `start_early` started); blocks
         the calling task thread, not the engine."""
-        with self._early_lock:
-            waiting = self._early.get(job_id)
-            early = waiting.pop(0) if waiting else None
-            if waiting == []:
-                del self._early[job_id]
+        early = self._take_early(job_id)
         if early is not None:
             return early.result()
         return self._call(self._run_job(job_id))
+
+    def _take_early(self, job_id: str) -> concurrent.futures.Future[dict[str, Any]] | None:
+        """The oldest attempt `start_early` started for `job_id` and no task took yet."""
+        with self._early_lock:
+            waiting = self._early.get(job_id)
+            if not waiting:
+                return None
+            early = waiting.pop(0)
+            if not waiting:
+                del self._early[job_id]
+            return early
 
     def started_early(self, job_id: str) -> bool:
         with self._early_lock:
@@ -157,12 +164,7 @@ class WorkerRuntime:
     def forget_early(self, job_id: str) -> None:
         """A message whose task will not run (revoked after `start_early`): its attempt
         runs on to its end, unwaited for."""
-        with self._early_lock:
-            waiting = self._early.get(job_id)
-            if waiting:
-                waiting.pop(0)
-            if waiting == []:
-                del self._early[job_id]
+        self._take_early(job_id)
 
     def start_early(self, job_id: str) -> None:
         """Start a job on the engine loop now: called from the Celery consumer's thread as
