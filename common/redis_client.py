@@ -43,8 +43,13 @@ def pack_commands_with_hiredis() -> bool:
     and 2 us in hiredis, and every job's create, claim, appends and end are such commands
     (yappi: 8% of the API's and of the worker's CPU was the Python packer). The bytes are
     the same (tests/core/test_redis_pack.py); a connection whose encoding is not UTF-8
-    with strict errors keeps the Python packer. True if hiredis packs."""
+    with strict errors keeps the Python packer. hiredis is called directly: redis-py's own
+    `HiredisRespSerializer` first walks every argument in Python for bytearrays and
+    memoryviews (8 us of a 95-argument EVALSHA's 18); hiredis takes memoryviews itself, and
+    what it refuses (a bytearray, or what redis-py refuses too) goes through that serializer,
+    which converts or raises redis-py's DataError. True if hiredis packs."""
     try:
+        import hiredis
         from redis.asyncio.connection import AbstractConnection
         from redis.connection import HiredisRespSerializer
         from redis.utils import HIREDIS_AVAILABLE
@@ -55,13 +60,24 @@ def pack_commands_with_hiredis() -> bool:
     if getattr(AbstractConnection.pack_command, "_llmq_hiredis", False):
         return True
     python_pack = AbstractConnection.pack_command
-    hiredis_pack = HiredisRespSerializer().pack
+    serializer_pack = HiredisRespSerializer().pack
+    pack = hiredis.pack_command
 
     def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
         encoder = self.encoder
-        if encoder.encoding in ("utf-8", "utf8") and encoder.encoding_errors == "strict":
-            return hiredis_pack(*args)
-        return python_pack(self, *args)
+        if encoder.encoding not in ("utf-8", "utf8") or encoder.encoding_errors != "strict":
+            return python_pack(self, *args)
+        # A command name of several words ("CONFIG GET") goes as several arguments, as
+        # both of redis-py's packers send it.
+        first = args[0]
+        if isinstance(first, str):
+            args = (*first.encode().split(), *args[1:])
+        elif b" " in first:
+            args = (*first.split(), *args[1:])
+        try:
+            return [pack(args)]
+        except TypeError:
+            return serializer_pack(*args)
 
     pack_command._llmq_hiredis = True  # type: ignore[attr-defined]
     pack_command.__wrapped__ = python_pack  # type: ignore[attr-defined]

@@ -15,6 +15,8 @@ ARGS = [
     ("EVALSHA", "a" * 40, 2, "llmq:job:x", "llmq:log:x", 3600, -1, 0.1, 1e20, 1712345678.123456, "é ☃", b"\xff\x00"),
     ("RPUSH", "big", "x" * 100_000, b"y" * 7_000),  # past the Python packer's 6,000-byte chunking
     ("SET", "k", memoryview(b"view")),
+    ("SET", "k", bytearray(b"array")),  # hiredis refuses a bytearray: redis-py's serializer converts it
+    (b"CONFIG GET", "maxmemory"),
 ]
 
 
