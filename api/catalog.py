@@ -9,10 +9,12 @@ before anything is queued. transformers is used without torch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,16 @@ def auto_tokenizer() -> Any:
         return AutoTokenizer
 
 
+# Texts the fast encoder must tokenize as transformers does before it is used.
+_PROBES = [
+    "Write a haiku about the sea.",
+    "",
+    "  leading and trailing spaces, tabs\tand\n\nnewlines  ",
+    "Ünïcödé, 日本語のテキスト, emoji 🙂 and a zero-width\u200bjoiner",
+    "code: def f(x):\n    return x ** 2  # comment\n",
+]
+
+
 class ChatTokenizer:
     """A model's tokenizer and chat template, as the worker's engine uses them."""
 
@@ -51,6 +63,31 @@ class ChatTokenizer:
         self.template: str = template if isinstance(template, str) else ""
         # Token ids a request may name (logit_bias, stop_token_ids, token-id prompts).
         self.vocab_size = len(self._tok)
+        self._fast = self._fast_encoder()
+
+    def _fast_encoder(self) -> Callable[..., list[Any]] | None:
+        """The Rust tokenizer's own encoder (`tokenizers.Tokenizer.encode_batch_fast`), if it
+        gives the token ids transformers' call gives on probe texts (the chat template's
+        special tokens included); None to keep transformers' call. transformers' Python
+        around that same encoder (its BatchEncoding, offsets, checks) took 34 of a 64 us
+        prompt (issue 12): every chat request and every batch line pays it."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        fast = getattr(backend, "encode_batch_fast", None)
+        if fast is None or getattr(self._tok, "split_special_tokens", False):
+            return None
+        probes = [*_PROBES, *(str(t) for t in self._tok.all_special_tokens)]
+        if self.template:
+            with contextlib.suppress(Exception):  # a template that wants more than one message
+                conversation = [{"role": "user", "content": _PROBES[0]}]
+                probes.append(
+                    str(self._tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+                )
+        for text in probes:
+            for special in (False, True):
+                if fast([text], add_special_tokens=special)[0].ids != self._call_encode(text, special):
+                    log.warning("the model's tokenizer encodes through transformers' call (its encoder differs)")
+                    return None
+        return fast  # type: ignore[no-any-return]
 
     def encode_chat(self, req: ChatCompletionRequest) -> list[int]:
         """The prompt tokens of a chat request, rendered as `vllm serve` renders them
@@ -65,6 +102,11 @@ class ChatTokenizer:
         return self.encode(text, add_special_tokens=req.add_special_tokens)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._fast is not None:
+            return self._fast([text], add_special_tokens=add_special_tokens)[0].ids  # type: ignore[no-any-return]
+        return self._call_encode(text, add_special_tokens)
+
+    def _call_encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
