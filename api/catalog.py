@@ -71,9 +71,14 @@ class ChatTokenizer:
         special tokens included); None to keep transformers' call. transformers' Python
         around that same encoder (its BatchEncoding, offsets, checks) took 34 of a 64 us
         prompt (issue 12): every chat request and every batch line pays it."""
-        backend = getattr(self._tok, "backend_tokenizer", None)
+        backend: Any = getattr(self._tok, "backend_tokenizer", None)
         fast = getattr(backend, "encode_batch_fast", None)
         if fast is None or getattr(self._tok, "split_special_tokens", False):
+            return None
+        # transformers' call sets the encoder's truncation and padding for each call (to
+        # none, as the API calls it); the encoder keeps that state: it must be none here.
+        self._call_encode("", False)
+        if backend.truncation is not None or backend.padding is not None:
             return None
         probes = [*_PROBES, *(str(t) for t in self._tok.all_special_tokens)]
         if self.template:
