@@ -115,8 +115,12 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = 0.9
     # None: eager on a CPU (nothing to capture), CUDA graphs on a GPU.
     enforce_eager: bool | None = None
-    # How many jobs one worker keeps in its engine at once (Celery thread slots).
-    worker_slots: int = Field(default=64, ge=1)
+    # How many jobs one worker keeps in its engine at once (Celery thread slots). The
+    # default is the engine's own batch limit (vLLM's max_num_seqs, 256, as `vllm serve`
+    # has it): fewer slots would keep jobs waiting in the queue while the engine could
+    # take them (64 slots under Poisson arrivals near the engine's rate: queue waits of
+    # 1 to 1.9 s at p99, first token p99 +0.8 to +1.7 s against `vllm serve`).
+    worker_slots: int = Field(default=256, ge=1)
     # The worker process's interpreter switch interval (`sys.setswitchinterval`), ms: how
     # long a thread that wants the interpreter lock waits for a busy one to let go. The
     # engine's event loop shares the lock with the Celery consumer and the slot threads;

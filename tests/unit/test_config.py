@@ -153,3 +153,15 @@ def test_cors_middleware_only_when_origins_are_configured():
         headers={"Origin": "https://other.example", "Access-Control-Request-Method": "POST"},
     )
     assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+
+
+def test_a_worker_holds_as_many_jobs_as_its_engine_batches_by_default(monkeypatch):
+    # With fewer slots than the engine's batch limit (max_num_seqs), jobs waited in the
+    # queue while the engine had room: 64 slots (and 256 sequences) under Poisson arrivals
+    # near the engine's rate gave queue waits of 1 to 1.9 s at p99 (bench_vllm_client.py
+    # --with-serve --request-rate 4); with 256, under 20 ms.
+    from worker.engine import max_num_seqs
+
+    monkeypatch.delenv("WORKER_SLOTS", raising=False)
+    settings = Settings()
+    assert settings.worker_slots == max_num_seqs(settings) == 256
