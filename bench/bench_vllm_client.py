@@ -186,12 +186,36 @@ def summary(backend: str, result: dict[str, Any]) -> str:
     return line + "".join(f"\n    error: {e}" for e in errors[:5])
 
 
+def first_content_ms(result: dict[str, Any]) -> list[float]:
+    """Each request's time to its first content, ms. `vllm bench serve` takes the first
+    chunk with `choices` as the first token; both servers send a chunk with the
+    assistant's role and empty content first: `vllm serve` just before the first token's
+    chunk, llmq as soon as the job is queued (so a client sees the stream open at once).
+    The first token's chunk is the next one: its time is the first chunk's plus the first
+    inter-chunk gap (`--save-detailed`'s `ttfts` and `itls`)."""
+    return [
+        1000 * (ttft + (itl[0] if itl else 0.0))
+        for ttft, itl in zip(result["ttfts"], result["itls"], strict=True)
+        if ttft
+    ]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    k = (len(ordered) - 1) * q / 100
+    lo = int(k)
+    return ordered[lo] + (ordered[min(lo + 1, len(ordered) - 1)] - ordered[lo]) * (k - lo)
+
+
 def latency_line(name: str, result: dict[str, Any]) -> str:
     return (
         f"{name:<6} completed {result['completed']:>4}  failed {result['failed']:>3}  "
         f"{result['request_throughput']:6.2f} req/s  {result['output_throughput']:7.1f} tok/s  "
-        f"TTFT p50 {result.get('median_ttft_ms', 0):7.1f} p99 {result.get('p99_ttft_ms', 0):7.1f} ms  "
-        f"ITL p50 {result.get('median_itl_ms', 0):6.1f} p99 {result.get('p99_itl_ms', 0):6.1f} ms"
+        f"first content p50 {result['content_p50_ms']:7.1f} p99 {result['content_p99_ms']:7.1f} ms  "
+        f"(first chunk p50 {result.get('median_ttft_ms', 0):6.1f})  "
+        f"ITL p50 {result['gap_p50_ms']:6.1f} p99 {result['gap_p99_ms']:6.1f} ms"
     )
 
 
@@ -250,6 +274,11 @@ def compare_with_serve(opts: argparse.Namespace) -> int:
                     stack.stop()
                 if server is not None:
                     server.stop()
+            content = first_content_ms(result)
+            result["content_p50_ms"], result["content_p99_ms"] = percentile(content, 50), percentile(content, 99)
+            # Between content chunks: without the gap after the role chunk (the first token's wait).
+            gaps = [1000 * g for itl in result["itls"] for g in itl[1:]]
+            result["gap_p50_ms"], result["gap_p99_ms"] = percentile(gaps, 50), percentile(gaps, 99)
             runs[name].append(result)
             print(latency_line(name, result), flush=True)
     rate = "all at once" if opts.request_rate is None else f"Poisson arrivals at {opts.request_rate:g} req/s"
@@ -257,14 +286,16 @@ def compare_with_serve(opts: argparse.Namespace) -> int:
         f"\n`vllm bench serve --backend {backend}`, {opts.num_prompts} prompts of {opts.input_len} random tokens, "
         f"{opts.output_len} output tokens (ignore_eos), {rate}; {opts.pairs} alternating pair(s)\n"
     )
-    print("| run | llmq TTFT p50 / p99 | serve TTFT p50 / p99 | llmq − serve p50 / p99 | llmq / serve tok/s |")
-    print("|---:|---:|---:|---:|---:|")
+    print("first content (the first token's chunk) and the gaps between content chunks, ms p50 / p99:\n")
+    print("| pair | llmq | serve | llmq − serve p50 / p99 | llmq / serve tok/s | ITL p50 / p99 llmq | serve |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for i, (a, b) in enumerate(zip(runs["llmq"], runs["serve"], strict=True)):
         print(
-            f"| {i + 1} | {a['median_ttft_ms']:.1f} / {a['p99_ttft_ms']:.1f} ms "
-            f"| {b['median_ttft_ms']:.1f} / {b['p99_ttft_ms']:.1f} ms "
-            f"| {a['median_ttft_ms'] - b['median_ttft_ms']:+.1f} / {a['p99_ttft_ms'] - b['p99_ttft_ms']:+.1f} ms "
-            f"| {a['output_throughput'] / b['output_throughput']:.2f} |"
+            f"| {i + 1} | {a['content_p50_ms']:.1f} / {a['content_p99_ms']:.1f} "
+            f"| {b['content_p50_ms']:.1f} / {b['content_p99_ms']:.1f} "
+            f"| {a['content_p50_ms'] - b['content_p50_ms']:+.1f} / {a['content_p99_ms'] - b['content_p99_ms']:+.1f} "
+            f"| {a['output_throughput'] / b['output_throughput']:.2f} "
+            f"| {a['gap_p50_ms']:.1f} / {a['gap_p99_ms']:.1f} | {b['gap_p50_ms']:.1f} / {b['gap_p99_ms']:.1f} |"
         )
     failed = sum(int(r["failed"]) for rs in runs.values() for r in rs)
     if opts.json:
