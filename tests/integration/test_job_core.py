@@ -37,6 +37,8 @@ def core(tmp_path_factory):
         env={
             "ENGINE": "fake",
             "FAKE_STEP_SECONDS": "0.02",
+            # 2 x 64: the batch-share test counts on 96 batch slots.
+            "WORKER_SLOTS": "64",
             "HEARTBEAT_SECONDS": "0.5",
             "WORKER_TTL_SECONDS": "3",
             "LEASE_SECONDS": "2",
