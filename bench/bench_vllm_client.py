@@ -186,6 +186,25 @@ def summary(backend: str, result: dict[str, Any]) -> str:
     return line + "".join(f"\n    error: {e}" for e in errors[:5])
 
 
+def bench_as_asked(opts: argparse.Namespace, url: str, backend: str, out: Path, **extra: Any) -> dict[str, Any]:
+    """`run_vllm_bench` with this run's options (prompts, lengths, arrivals) on the default model."""
+    from common.settings import get_settings
+
+    settings = get_settings()
+    return run_vllm_bench(
+        url,
+        backend=backend,
+        model=settings.model_name,
+        tokenizer=settings.model_path,
+        num_prompts=opts.num_prompts,
+        input_len=opts.input_len,
+        output_len=opts.output_len,
+        result_dir=out,
+        request_rate=opts.request_rate,
+        **extra,
+    )
+
+
 def first_content_ms(result: dict[str, Any]) -> list[float]:
     """Each request's time to its first content, ms. `vllm bench serve` takes the first
     chunk with `choices` as the first token; both servers send a chunk with the
@@ -198,15 +217,6 @@ def first_content_ms(result: dict[str, Any]) -> list[float]:
         for ttft, itl in zip(result["ttfts"], result["itls"], strict=True)
         if ttft
     ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    k = (len(ordered) - 1) * q / 100
-    lo = int(k)
-    return ordered[lo] + (ordered[min(lo + 1, len(ordered) - 1)] - ordered[lo]) * (k - lo)
 
 
 def latency_line(name: str, result: dict[str, Any]) -> str:
@@ -222,7 +232,9 @@ def latency_line(name: str, result: dict[str, Any]) -> str:
 def compare_with_serve(opts: argparse.Namespace) -> int:
     """llmq (a stack on the default model) and `vllm serve` in alternating pairs, one at a
     time on the machine, each run by `vllm bench serve` with the same arrivals."""
+    sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_stream import percentile  # the streaming bench's (linear, inclusive)
     from stack import Stack, free_port
     from vllm_serve import VllmServe
 
@@ -255,29 +267,17 @@ def compare_with_serve(opts: argparse.Namespace) -> int:
                     server = VllmServe(log_path=logs / f"vllm-serve-{k}.log")
                     server.start()
                     url = server.url
-                result = run_vllm_bench(
-                    url,
-                    backend=backend,
-                    model=settings.model_name,
-                    tokenizer=settings.model_path,
-                    num_prompts=opts.num_prompts,
-                    input_len=opts.input_len,
-                    output_len=opts.output_len,
-                    api_key=None,
-                    result_dir=Path(out),
-                    request_rate=opts.request_rate,
-                    tag=f"-{name}-{k}",
-                    timeout=3600,
-                )
+                result = bench_as_asked(opts, url, backend, Path(out), api_key=None, tag=f"-{name}-{k}", timeout=3600)
             finally:
                 if stack is not None:
                     stack.stop()
                 if server is not None:
                     server.stop()
             content = first_content_ms(result)
+            content = content or [0.0]
             result["content_p50_ms"], result["content_p99_ms"] = percentile(content, 50), percentile(content, 99)
             # Between content chunks: without the gap after the role chunk (the first token's wait).
-            gaps = [1000 * g for itl in result["itls"] for g in itl[1:]]
+            gaps = [1000 * g for itl in result["itls"] for g in itl[1:]] or [0.0]
             result["gap_p50_ms"], result["gap_p99_ms"] = percentile(gaps, 50), percentile(gaps, 99)
             runs[name].append(result)
             print(latency_line(name, result), flush=True)
@@ -363,18 +363,7 @@ def main() -> int:
             stack.wait_ready(settings.model_name, timeout=600)
         with tempfile.TemporaryDirectory() as out:
             for backend in [b.strip() for b in opts.backends.split(",") if b.strip()]:
-                result = run_vllm_bench(
-                    url,
-                    backend=backend,
-                    model=settings.model_name,
-                    tokenizer=settings.model_path,
-                    num_prompts=opts.num_prompts,
-                    input_len=opts.input_len,
-                    output_len=opts.output_len,
-                    api_key=opts.api_key,
-                    result_dir=Path(out),
-                    request_rate=opts.request_rate,
-                )
+                result = bench_as_asked(opts, url, backend, Path(out), api_key=opts.api_key)
                 print(summary(backend, result), flush=True)
                 failed += int(result["failed"])
                 results[backend] = {k: v for k, v in result.items() if not isinstance(v, list) and k != "log_tail"}
