@@ -229,18 +229,29 @@ def latency_line(name: str, result: dict[str, Any]) -> str:
     )
 
 
+def llmq_stack(engine: str, log_dir: Path) -> Any:
+    """A stack (Redis, one worker, the API without keys) on free ports, not started."""
+    from stack import Stack, free_port
+
+    env = {"ENGINE": engine, "API_KEYS": ""}
+    return Stack(redis_port=free_port(), api_port=free_port(), flower_port=None, log_dir=log_dir, env=env)
+
+
+def start(stack: Any) -> None:
+    from common.settings import get_settings
+
+    stack.start_redis()
+    stack.start_worker()
+    stack.start_api()
+    stack.wait_ready(get_settings().model_name, timeout=600)
+
+
 def compare_with_serve(opts: argparse.Namespace) -> int:
     """llmq (a stack on the default model) and `vllm serve` in alternating pairs, one at a
     time on the machine, each run by `vllm bench serve` with the same arrivals."""
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "scripts"))
     from bench_stream import percentile  # the streaming bench's (linear, inclusive)
-    from stack import Stack, free_port
     from vllm_serve import VllmServe
 
-    from common.settings import get_settings
-
-    settings = get_settings()
     backend = opts.backends.split(",")[0].strip()
     logs = Path(tempfile.mkdtemp(prefix="bench-vllm-client-"))
     print(f"logs: {logs}", flush=True)
@@ -251,17 +262,8 @@ def compare_with_serve(opts: argparse.Namespace) -> int:
             stack = server = None
             try:
                 if name == "llmq":
-                    stack = Stack(
-                        redis_port=free_port(),
-                        api_port=free_port(),
-                        flower_port=None,
-                        log_dir=logs / f"llmq-{k}",
-                        env={"ENGINE": "vllm", "API_KEYS": ""},
-                    )
-                    stack.start_redis()
-                    stack.start_worker()
-                    stack.start_api()
-                    stack.wait_ready(settings.model_name, timeout=600)
+                    stack = llmq_stack("vllm", logs / f"llmq-{k}")
+                    start(stack)
                     url = stack.api_url
                 else:
                     server = VllmServe(log_path=logs / f"vllm-serve-{k}.log")
@@ -273,12 +275,12 @@ def compare_with_serve(opts: argparse.Namespace) -> int:
                     stack.stop()
                 if server is not None:
                     server.stop()
-            content = first_content_ms(result)
-            content = content or [0.0]
-            result["content_p50_ms"], result["content_p99_ms"] = percentile(content, 50), percentile(content, 99)
             # Between content chunks: without the gap after the role chunk (the first token's wait).
-            gaps = [1000 * g for itl in result["itls"] for g in itl[1:]] or [0.0]
-            result["gap_p50_ms"], result["gap_p99_ms"] = percentile(gaps, 50), percentile(gaps, 99)
+            gaps = [1000 * g for itl in result["itls"] for g in itl[1:]]
+            for figure, values in (("content", first_content_ms(result)), ("gap", gaps)):
+                result[f"{figure}_p50_ms"], result[f"{figure}_p99_ms"] = (
+                    percentile(values or [0.0], q) for q in (50, 99)
+                )
             runs[name].append(result)
             print(latency_line(name, result), flush=True)
     rate = "all at once" if opts.request_rate is None else f"Poisson arrivals at {opts.request_rate:g} req/s"
@@ -327,40 +329,26 @@ def main() -> int:
     )
     parser.add_argument("--pairs", type=int, default=1)
     opts = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "scripts"))
     if opts.with_serve:
         if opts.engine != "vllm" or opts.url:
             parser.error("--with-serve compares a stack on the default model: --engine vllm, no --url")
         return compare_with_serve(opts)
 
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from stack import Stack, free_port
-
-    from common.settings import get_settings
-
-    settings = get_settings()
     stack = None
     if opts.url:
         url = opts.url.rstrip("/")
     else:
         logs = Path(tempfile.mkdtemp(prefix="bench-vllm-client-"))
-        stack = Stack(
-            redis_port=free_port(),
-            api_port=free_port(),
-            flower_port=None,
-            log_dir=logs,
-            env={"ENGINE": opts.engine, "API_KEYS": ""},
-        )
+        stack = llmq_stack(opts.engine, logs)
         url = stack.api_url
         print(f"stack logs: {logs}", flush=True)
     results: dict[str, dict[str, Any]] = {}
     failed = 0
     try:
         if stack is not None:
-            stack.start_redis()
-            stack.start_worker()
-            stack.start_api()
-            stack.wait_ready(settings.model_name, timeout=600)
+            start(stack)
         with tempfile.TemporaryDirectory() as out:
             for backend in [b.strip() for b in opts.backends.split(",") if b.strip()]:
                 result = bench_as_asked(opts, url, backend, Path(out), api_key=opts.api_key)
