@@ -11,8 +11,9 @@ asks for `--tokens` output tokens (greedy, ignore_eos) on the default model and 
 `--requests` requests one after the other (closed loop), or more at low levels so that a
 round has at least `--min-requests`; a level runs `--rounds` times. Throughput is the
 median over rounds; latency percentiles are over every request of the level's rounds,
-and the TTFT table also gives llmq - serve round by round (each pair ran back to back):
-their spread is how far one run's figures can be trusted.
+and the TTFT table also gives llmq - serve round by round (each pair ran back to back)
+and the median of those differences: their spread is how far one run's figures can be
+trusted (a round's requests come in bursts that make the same engine steps).
 
 The three are started once and take turns, round by round (engine, serve, llmq, then
 llmq, serve, engine, ...), each alone on the machine: the others' engine processes are
@@ -24,7 +25,7 @@ and the milliseconds llmq adds to TTFT; then, from per-job stamps the API and th
 write with BENCH_TIMING=1 (common/timing.py), llmq's first-token time by stage.
 
     python bench/bench_stream.py [--only engine,serve,llmq] [--levels 1,8,32,64] [--tokens 64]
-                                 [--rounds 2] [--requests 2] [--min-requests 8] [--no-breakdown]
+                                 [--rounds 4] [--requests 2] [--min-requests 8] [--no-breakdown]
                                  [--json out.json]
 """
 
@@ -485,6 +486,18 @@ async def run_all(
 # -- the report ---------------------------------------------------------------------------
 
 
+def round_differences(levels_of: dict[str, dict[int, Level]], n: int) -> list[float]:
+    """llmq's TTFT p50 minus serve's, round by round (each pair ran back to back), at `n`
+    streams; empty if a round failed (nothing to pair). A round's requests start in
+    bursts and make the same engine steps, so they are one sample more than many: the
+    rounds' spread is how far a level's pooled median can be read, and the median of the
+    rounds' differences is the sturdier figure."""
+    llmq, serve = levels_of.get("llmq", {}).get(n), levels_of.get("serve", {}).get(n)
+    if llmq is None or serve is None or not llmq.rounds or len(llmq.rounds) != len(serve.rounds):
+        return []
+    return [a - b for a, b in zip(llmq.by_round(50), serve.by_round(50), strict=True)]
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
@@ -525,16 +538,16 @@ def report(results: dict[str, list[Level]], tokens: int, dtype: str) -> str:
         "TTFT p50 / p99, ms (request sent to first content)",
         "",
         "| streams | " + " | ".join(present) + " | llmq-serve p50 | llmq-serve p99 | llmq/serve p99 "
-        "| llmq-serve p50 by round |",
-        "|---:|" + "---:|" * (len(present) + 3) + "---|",
+        "| llmq-serve p50, median of rounds | by round |",
+        "|---:|" + "---:|" * (len(present) + 4) + "---|",
     ]
     levels_of = {mode: {lv.streams: lv for lv in levels_} for mode, levels_ in results.items()}
 
     def by_round(n: int) -> str:
-        llmq, serve = levels_of.get("llmq", {}).get(n), levels_of.get("serve", {}).get(n)
-        if llmq is None or serve is None or not llmq.rounds or len(llmq.rounds) != len(serve.rounds):
-            return "-"  # (a failed round leaves nothing to pair)
-        return ", ".join(f"{(a - b) * 1e3:+.1f}" for a, b in zip(llmq.by_round(50), serve.by_round(50), strict=True))
+        diffs = round_differences(levels_of, n)
+        if not diffs:
+            return "- | -"  # (a failed round leaves nothing to pair)
+        return f"{statistics.median(diffs) * 1e3:+.1f} | " + ", ".join(f"{d * 1e3:+.1f}" for d in diffs)
 
     for n in levels:
         row = [cell(m, n, "ttft_p50", "ttft_p99") for m in present]
@@ -603,7 +616,7 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(MODES), help="which of engine,serve,llmq to run")
     parser.add_argument("--levels", default="1,8,32,64")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each level, taking turns")
+    parser.add_argument("--rounds", type=int, default=4, help="runs of each level, taking turns")
     parser.add_argument("--requests", type=int, default=2, help="requests per stream in each round")
     parser.add_argument(
         "--min-requests", type=int, default=8, help="requests per round at least (more per stream at low levels)"
