@@ -41,6 +41,7 @@ from common.logs import setup_logging
 from common.reaper import Reaper
 from common.redis_client import connect
 from common.settings import Settings, get_settings
+from common.tasks import cancel_and_wait
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -87,9 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await cancel_and_wait(background)
             await runner.stop()
             await relay.stop()
             await queue.aclose()

@@ -23,6 +23,7 @@ from common import keys, timing
 from common.errors import ServiceError, ServiceUnavailableError
 from common.jobs import ChunkEvent
 from common.redis_client import client
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,7 @@ class StreamRelay:
         self._task = asyncio.create_task(self._run(), name="stream-relay")
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(t for t in (self._flusher, self._task) if t is not None)
         if self._redis is not None:
             await self._redis.aclose()
 

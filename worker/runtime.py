@@ -52,6 +52,7 @@ from common.reaper import Reaper, Requeue, priority_of
 from common.redis_client import connect
 from common.schemas import Usage
 from common.settings import Settings
+from common.tasks import cancel_and_wait
 from worker import metrics
 from worker.engine import Engine, EngineRequestError
 from worker.publisher import ChunkPublisher
@@ -248,9 +249,7 @@ class WorkerRuntime:
         freeze_startup_heap("worker")
 
     async def _stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self.redis is not None:
             await self._unregister()
             await self.redis.aclose()

@@ -58,6 +58,7 @@ from common.logs import job_fields, log_event
 from common.responses import ResponsesRequest
 from common.schemas import ChatCompletionRequest, CompletionRequest
 from common.settings import Settings
+from common.tasks import cancel_and_wait
 from common.workers import live_workers
 
 log = logging.getLogger(__name__)
@@ -244,9 +245,7 @@ class BatchRunner:
         self._missing = missing
 
     async def stop(self) -> None:
-        for task in self._runners.values():
-            task.cancel()
-        await asyncio.gather(*self._runners.values(), return_exceptions=True)
+        await cancel_and_wait(self._runners.values())
 
     # -- one batch ----------------------------------------------------------------------
 

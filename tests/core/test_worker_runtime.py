@@ -75,6 +75,32 @@ async def test_worker_ids_are_unique_per_process_under_one_name():
     assert unique_worker_id("w@h").startswith("w@h/")
 
 
+async def test_stop_ends_a_background_loop_that_lost_its_cancellation(runtime):
+    """A worker's stop waited forever (its minute, then TimeoutError) for a background loop
+    whose cancellation a library lost (seen in `make test`: the reaper's, on Python 3.11);
+    it cancels such a loop again until it ends."""
+    cancels: list[int] = []
+
+    async def loop_losing_one_cancellation() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels.append(1)
+                if len(cancels) == 1:
+                    continue
+                raise
+
+    async def add() -> asyncio.Task:
+        task = asyncio.create_task(runtime._forever(loop_losing_one_cancellation))
+        runtime._tasks.append(task)
+        return task
+
+    task = asyncio.run_coroutine_threadsafe(add(), runtime.loop).result(5)
+    await asyncio.wait_for(asyncio.to_thread(runtime.stop), 20)
+    assert task.cancelled() and len(cancels) == 2
+
+
 async def test_a_long_job_keeps_its_lease_and_completes_in_one_attempt(runtime, redis):
     record = await queued(redis, max_tokens=8 * 60)  # about 1.2 s: more than two leases
     result = await asyncio.to_thread(runtime.run_job, record.id)
