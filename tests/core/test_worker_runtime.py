@@ -17,6 +17,7 @@ from common.reaper import Reaper
 from common.settings import Settings
 from tests.core.conftest import job
 from tests.core.test_reaper import Sent
+from tests.unit.test_tasks import losing_its_first_cancellation
 from worker import runtime as runtime_module
 from worker.fake_engine import FakeEngine
 from worker.runtime import DYING_RESEND_DELAY_SECONDS, EXIT_ENGINE_DEAD, WorkerRuntime, unique_worker_id
@@ -81,18 +82,8 @@ async def test_stop_ends_a_background_loop_that_lost_its_cancellation(runtime):
     it cancels such a loop again until it ends."""
     cancels: list[int] = []
 
-    async def loop_losing_one_cancellation() -> None:
-        while True:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                cancels.append(1)
-                if len(cancels) == 1:
-                    continue
-                raise
-
     async def add() -> asyncio.Task:
-        task = asyncio.create_task(runtime._forever(loop_losing_one_cancellation))
+        task = asyncio.create_task(runtime._forever(losing_its_first_cancellation(cancels)))
         runtime._tasks.append(task)
         return task
 
