@@ -489,7 +489,7 @@ async def run_all(
 def round_differences(levels_of: dict[str, dict[int, Level]], n: int) -> list[float]:
     """llmq's TTFT p50 minus serve's, round by round (each pair ran back to back), at `n`
     streams; empty if a round failed (nothing to pair). A round's requests start in
-    bursts and make the same engine steps, so they are one sample more than many: the
+    bursts and make the same engine steps, so a round is nearer one sample than many: the
     rounds' spread is how far a level's pooled median can be read, and the median of the
     rounds' differences is the sturdier figure."""
     llmq, serve = levels_of.get("llmq", {}).get(n), levels_of.get("serve", {}).get(n)
